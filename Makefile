@@ -1,0 +1,60 @@
+# ecglab: the two commands are `make demo` and `make test`; everything else here serves them.
+# Every target installs what it needs into local venvs, so a fresh clone works.
+
+PYTHON ?= python3
+VENV := .venv
+FHIR_VENV := .venv-fhir
+BIN := $(VENV)/bin
+# torch==2.13.0 (CPU build) lies on this machine kind's disk; use it when present so pip never
+# reaches for a multi-GB CUDA build.
+WHEELS := $(wildcard /opt/wheels)
+PIP_FLAGS := --disable-pip-version-check --progress-bar off $(if $(WHEELS),--find-links $(WHEELS))
+PYTEST_ARGS ?=
+
+.PHONY: help install test lint format demo soak bench clean
+
+help:
+	@echo "make demo   - start a seeded FHIR server and the service with the bundled model, fire hooks, show cards"
+	@echo "make test   - install into .venv and .venv-fhir, then run ruff and the whole pytest suite"
+	@echo "make soak   - the long reliability/load suite (loopback only, bounded in time)"
+	@echo "make bench  - run the benchmarks under benchmarks/ and print their figures"
+	@echo "make lint   - ruff check + ruff format --check"
+
+# The stamp depends on pyproject.toml: a second run is a no-op unless dependencies changed.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_FLAGS) -q -e '.[serve,train,dev]'
+	@touch $@
+
+$(FHIR_VENV)/.installed:
+	@test -x $(FHIR_VENV)/bin/python || $(PYTHON) -m venv $(FHIR_VENV)
+	$(FHIR_VENV)/bin/pip install $(PIP_FLAGS) -q sekmet-fhir==0.1.1
+	@touch $@
+
+install: $(VENV)/.installed $(FHIR_VENV)/.installed
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install
+	$(BIN)/ruff check .
+	@# pytest exits 5 when it collected nothing: that is a failure here, not a pass.
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+demo: install
+	$(BIN)/ecglab demo
+
+soak: install
+	$(BIN)/python -m pytest -m soak --run-soak $(PYTEST_ARGS)
+
+bench: install
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+format: $(VENV)/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf .demo .pytest_cache .ruff_cache test-artifacts
