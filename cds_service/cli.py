@@ -32,13 +32,29 @@ class Subcommand:
 
 
 SUBCOMMANDS: tuple[Subcommand, ...] = (
-    Subcommand("synth-mimic", "model_training.synthetic", "write a small synthetic data set in the MIMIC-IV layout"),
-    Subcommand("preprocess", "model_training.preprocess", "build the training set (labels, features, waveforms) from MIMIC-IV"),
+    Subcommand(
+        "synth-mimic", "model_training.synthetic", "write a small synthetic data set in the MIMIC-IV layout"
+    ),
+    Subcommand(
+        "preprocess",
+        "model_training.preprocess",
+        "build the training set (labels, features, waveforms) from MIMIC-IV",
+    ),
     Subcommand("train", "model_training.train", "train the S4 ECG + metadata fusion model"),
-    Subcommand("evaluate", "model_training.evaluate", "evaluate a training run: AUROC with bootstrap CIs, calibration, reports"),
+    Subcommand(
+        "evaluate",
+        "model_training.evaluate",
+        "evaluate a training run: AUROC with bootstrap CIs, calibration, reports",
+    ),
     Subcommand("export", "model_training.export", "export a trained run to ONNX with its manifest"),
-    Subcommand("score", "cds_service.score", "score a preprocessed data set or FHIR patients with an exported model"),
-    Subcommand("seed-fhir", "cds_service.seed", "seed a FHIR server with demo patients, vitals, ECGs, labs and orders"),
+    Subcommand(
+        "score", "cds_service.score", "score a preprocessed data set or FHIR patients with an exported model"
+    ),
+    Subcommand(
+        "seed-fhir",
+        "cds_service.seed",
+        "seed a FHIR server with demo patients, vitals, ECGs, labs and orders",
+    ),
     Subcommand("serve", "cds_service.serve", "run the CDS Hooks service under gunicorn"),
     Subcommand("demo", "cds_service.demo", "start FHIR server + service, fire hooks and show the cards"),
 )

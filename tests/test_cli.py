@@ -20,7 +20,17 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for name in ("synth-mimic", "preprocess", "train", "evaluate", "export", "score", "seed-fhir", "serve", "demo"):
+    for name in (
+        "synth-mimic",
+        "preprocess",
+        "train",
+        "evaluate",
+        "export",
+        "score",
+        "seed-fhir",
+        "serve",
+        "demo",
+    ):
         assert name in out
 
 
@@ -72,6 +82,8 @@ print('ok')
 
 def test_service_imports_without_torch_or_training_extras() -> None:
     """The service must import and run without torch (issue: extras; the serve install is slim)."""
-    result = subprocess.run([sys.executable, "-c", _BLOCK_HEAVY], capture_output=True, text=True, cwd=REPO, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _BLOCK_HEAVY], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")

@@ -1,0 +1,622 @@
+"""A small, strict FHIR R4 REST client for one hook call's data: plain httpx, plain dicts.
+
+Why our own client: none of the Python FHIR clients uses httpx, and the service needs exactly
+three things from a server, each with a hard time budget (a CDS hook has about 500 ms):
+``read``, ``search`` (with paging) and fetching an ECG attachment from a ``Binary``.
+
+Rules the client enforces, whatever the server does:
+
+* **Headers.** ``Accept: application/fhir+json`` always; ``Authorization: Bearer <token>`` when the
+  hook passed ``fhirAuthorization``.
+* **Time.** One timeout for connect, read, write and pool wait (``timeout``), further cut to what
+  is left of the caller's ``deadline`` (a :func:`time.monotonic` value). The searches of one hook
+  run concurrently on a thread pool owned by the client (thread-safe: gunicorn threads share it).
+* **Origin.** Redirects are never followed (``follow_redirects=False``; a 3xx is an error), and
+  ``Bundle.link[next]`` and attachment URLs are followed only on the server's own origin
+  (scheme, host and port): a token is never sent elsewhere. Paging stops after ``max_pages``.
+* **Portable searches.** Only parameters that both test servers (sekmet, Medplum) and HAPI
+  support: ``subject=Patient/X``, ``code=system|code,…`` lists, ``date=ge…``, ``_sort=-date``,
+  ``_count``; nothing that relies on a server ignoring unknown parameters.
+* **Privacy.** Log lines and error messages name the interaction ("search Observation"), never a
+  URL, a patient id or the token; the ``httpx``/``httpcore`` loggers (which log full URLs at
+  INFO) are set to WARNING when this module is imported.
+
+Errors (httpx style, each carries ``status`` and ``response`` when there was one)::
+
+    FhirError                  any failure talking to the FHIR server
+    ├── FhirUnauthorized       401: token missing, expired or rejected
+    ├── FhirForbidden          403: token lacks the scope
+    ├── FhirNotFound           404 / 410: the resource does not exist (e.g. unknown patient)
+    ├── FhirTimeout            no answer within the timeout or the hook's deadline
+    ├── FhirServerError        5xx
+    ├── FhirMalformed          body is not JSON, or not the resourceType asked for
+    ├── FhirConnectionError    cannot connect (refused, DNS, TLS)
+    └── FhirTooLarge           an attachment exceeds the byte limit (``reason`` attachment_too_large)
+
+Other refusals (a redirect, an off-origin URL, another 4xx) raise plain :class:`FhirError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import concurrent.futures
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from cds_service.ecg_readers import media_type
+from cds_service.errors import EcglabError, InputError
+from cds_service.features import PatientData
+
+log = logging.getLogger(__name__)
+# httpx logs every request line, URL and query (patient ids) included, at INFO.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+FHIR_JSON = "application/fhir+json"
+"""MIME type asked for and sent."""
+
+DEFAULT_TIMEOUT_S: float = 0.5
+"""Connect/read/write/pool timeout: the whole CDS hook has about 500 ms."""
+
+DEFAULT_MAX_PAGES: int = 3
+"""Pages of one search followed at most (``Bundle.link[next]``)."""
+
+OBSERVATION_PAGE_SIZE: int = 100
+"""``_count`` for vital-sign, biometric and lab Observations and for ServiceRequests."""
+
+ECG_PAGE_SIZE: int = 5
+"""``_count`` for ECG resources: each can be hundreds of kB, and only the newest few matter."""
+
+LAB_LOOKBACK: timedelta = timedelta(days=7)
+"""How far back lab results are fetched (the service shows or de-duplicates recent results)."""
+
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class FhirError(EcglabError):
+    """A failure talking to the FHIR server; ``status`` and ``response`` when there was an answer."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, response: httpx.Response | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.response = response
+
+
+class FhirUnauthorized(FhirError):
+    """HTTP 401: the token is missing, expired or not accepted."""
+
+
+class FhirForbidden(FhirError):
+    """HTTP 403: the token does not grant access to this data."""
+
+
+class FhirNotFound(FhirError):
+    """HTTP 404 or 410: the resource does not exist (or no longer)."""
+
+
+class FhirTimeout(FhirError):
+    """No answer within the timeout or before the caller's deadline."""
+
+
+class FhirServerError(FhirError):
+    """HTTP 5xx: the server failed."""
+
+
+class FhirMalformed(FhirError):
+    """The body is not JSON, or not the FHIR resource type that was asked for."""
+
+
+class FhirConnectionError(FhirError):
+    """The server cannot be reached (connection refused, DNS, TLS)."""
+
+
+class FhirTooLarge(FhirError):
+    """An attachment is larger than allowed; ``reason`` matches the ECG rejection reason."""
+
+    reason = "attachment_too_large"
+
+
+_STATUS_ERRORS: dict[int, type[FhirError]] = {
+    401: FhirUnauthorized,
+    403: FhirForbidden,
+    404: FhirNotFound,
+    410: FhirNotFound,
+}
+
+
+@dataclass(frozen=True)
+class Query:
+    """One search of a hook's fetch: a name for logs, the resource type and its parameters."""
+
+    name: str
+    resource_type: str
+    params: list[tuple[str, str]]
+
+
+def _token_list(codings: Sequence[Any]) -> str:
+    """``system|code`` tokens joined by commas (FHIR OR), duplicates removed, order kept."""
+    tokens = [f"{c.system}|{c.code}" if c.system else str(c.code) for c in codings]
+    return ",".join(dict.fromkeys(tokens))
+
+
+def _instant(when: datetime) -> str:
+    """A FHIR dateTime in UTC with a ``Z`` suffix (no ``+`` to escape in URLs)."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build_queries(mappings: Any, patient_id: str, now: datetime) -> list[Query]:
+    """The searches that gather one patient's model inputs, all driven by ``fhir_mappings``.
+
+    * vital-sign and biometric Observations: one search per distinct time window (vital signs
+      ±30 min, biometrics ±30 days), each with its features' codes and blood-pressure panel codes,
+      from the oldest instant they could matter (oldest acceptable ECG minus the window), newest
+      first. Separate searches keep frequent vital signs from crowding weight and height out of
+      the page limit;
+    * ECG Observations, Media and DocumentReferences newer than the ECG maximum age (Media has no
+      ``code`` search parameter on every server, so its codes are checked after fetching);
+    * lab result Observations of the last :data:`LAB_LOOKBACK`;
+    * active or draft ServiceRequests for the labs the model can recommend.
+    """
+    subject = ("subject", f"Patient/{patient_id}")
+    ecg = mappings.ecg
+    oldest_ecg = now - timedelta(minutes=int(ecg.max_age_minutes))
+    by_window: dict[int, list[Any]] = {}
+    for feature in mappings.features:
+        if feature.fhir.kind != "observation" or feature.window is None:
+            continue
+        codes = by_window.setdefault(int(feature.window.before_min), [])
+        codes.extend(feature.fhir.codes)
+        codes.extend(ref.panel for ref in feature.fhir.components)
+    queries = [
+        Query(
+            f"observations_{before}min",
+            "Observation",
+            [
+                subject,
+                ("code", _token_list(codes)),
+                ("date", "ge" + _instant(oldest_ecg - timedelta(minutes=before))),
+                ("_sort", "-date"),
+                ("_count", str(OBSERVATION_PAGE_SIZE)),
+            ],
+        )
+        for before, codes in sorted(by_window.items())
+    ]
+    since = ("date", "ge" + _instant(oldest_ecg))
+    if ecg.observation_codes:
+        queries.append(
+            Query(
+                "ecg_observations",
+                "Observation",
+                [
+                    subject,
+                    ("code", _token_list(ecg.observation_codes)),
+                    since,
+                    ("_sort", "-date"),
+                    ("_count", str(ECG_PAGE_SIZE)),
+                ],
+            )
+        )
+    if ecg.media_codes:
+        queries.append(
+            Query(
+                "ecg_media",
+                "Media",
+                [
+                    subject,
+                    ("created", "ge" + _instant(oldest_ecg)),
+                    ("_sort", "-created"),
+                    ("_count", str(ECG_PAGE_SIZE)),
+                ],
+            )
+        )
+    if ecg.document_codes:
+        queries.append(
+            Query(
+                "ecg_documents",
+                "DocumentReference",
+                [
+                    subject,
+                    ("type", _token_list(ecg.document_codes)),
+                    since,
+                    ("_sort", "-date"),
+                    ("_count", str(ECG_PAGE_SIZE)),
+                ],
+            )
+        )
+    result_codes = [code for lab in mappings.labs for code in lab.result_codes]
+    if result_codes:
+        queries.append(
+            Query(
+                "lab_results",
+                "Observation",
+                [
+                    subject,
+                    ("code", _token_list(result_codes)),
+                    ("date", "ge" + _instant(now - LAB_LOOKBACK)),
+                    ("_sort", "-date"),
+                    ("_count", str(OBSERVATION_PAGE_SIZE)),
+                ],
+            )
+        )
+    order_codes = [lab.order_code for lab in mappings.labs if lab.order_code is not None]
+    if order_codes:
+        queries.append(
+            Query(
+                "service_requests",
+                "ServiceRequest",
+                [
+                    subject,
+                    ("status", "active,draft"),
+                    ("code", _token_list(order_codes)),
+                    ("_count", str(OBSERVATION_PAGE_SIZE)),
+                ],
+            )
+        )
+    return queries
+
+
+class FhirClient:
+    """FHIR R4 client bound to one server base URL and (optionally) one bearer token.
+
+    Use as a context manager or call :meth:`close`. Safe to share between threads.
+
+    Args:
+        base_url: the FHIR base, e.g. ``https://ehr.example.org/fhir`` (the hook's ``fhirServer``).
+        access_token: bearer token from ``fhirAuthorization``; never logged.
+        timeout: seconds for each of connect, read, write and pool wait.
+        max_pages: search pages followed at most.
+        transport: an httpx transport (tests pass :class:`httpx.MockTransport`).
+        max_workers: threads running one hook's searches concurrently.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        access_token: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_pages: int = DEFAULT_MAX_PAGES,
+        transport: httpx.BaseTransport | None = None,
+        max_workers: int = 8,
+    ) -> None:
+        base = httpx.URL(base_url.rstrip("/"))
+        if base.scheme not in _DEFAULT_PORTS or not base.host:
+            raise InputError(f"FHIR base URL {base_url!r} must be an absolute http(s) URL")
+        if max_pages < 1:
+            raise InputError(f"max_pages must be at least 1, got {max_pages}")
+        self.base_url = str(base)
+        self.timeout = float(timeout)
+        self.max_pages = int(max_pages)
+        self._origin = _origin(base)
+        headers = {"Accept": FHIR_JSON}
+        if access_token:
+            headers["Authorization"] = f"Bearer {access_token}"
+        self._http = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=self.timeout, read=self.timeout, write=self.timeout, pool=self.timeout
+            ),
+            follow_redirects=False,
+            transport=transport,
+            limits=httpx.Limits(max_connections=4 * max_workers, max_keepalive_connections=2 * max_workers),
+        )
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fhir")
+
+    def __repr__(self) -> str:
+        return f"FhirClient({self.base_url!r}, timeout={self.timeout}, max_pages={self.max_pages})"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Close pooled connections and stop the worker threads."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ REST interactions
+
+    def read(self, resource_type: str, rid: str, *, deadline: float | None = None) -> dict[str, Any]:
+        """``GET [base]/{resource_type}/{rid}``: the resource, checked to be of that type.
+
+        Raises:
+            InputError: ``resource_type`` or ``rid`` is not a valid FHIR type / id.
+            FhirError: a subclass per failure (see the module docstring).
+        """
+        _check_type(resource_type)
+        _check_id(rid, f"{resource_type} id")
+        what = f"read {resource_type}"
+        response = self._get(f"{self.base_url}/{resource_type}/{rid}", None, what, deadline)
+        return _resource(response, resource_type, what)
+
+    def search(
+        self, resource_type: str, params: list[tuple[str, str]], *, deadline: float | None = None
+    ) -> list[dict[str, Any]]:
+        """``GET [base]/{resource_type}?params``: the matching resources of every page followed.
+
+        Only entries with ``search.mode`` ``match`` (or none) of the asked type are returned
+        (included resources and OperationOutcome warnings are dropped; duplicates across pages
+        too). ``Bundle.link[next]`` is followed while it stays on the server's origin, up to
+        ``max_pages`` pages in all.
+        """
+        _check_type(resource_type)
+        what = f"search {resource_type}"
+        url: str | None = f"{self.base_url}/{resource_type}"
+        query: list[tuple[str, str]] | None = list(params)
+        found: dict[str, dict[str, Any]] = {}
+        pages = 0
+        while url is not None and pages < self.max_pages:
+            response = self._get(url, query, what, deadline)
+            bundle = _resource(response, "Bundle", what)
+            pages += 1
+            for entry in bundle.get("entry") or []:
+                resource = entry.get("resource") if isinstance(entry, dict) else None
+                mode = (entry.get("search") or {}).get("mode", "match") if isinstance(entry, dict) else None
+                if (
+                    mode != "match"
+                    or not isinstance(resource, dict)
+                    or resource.get("resourceType") != resource_type
+                ):
+                    continue
+                key = str(resource.get("id") or f"#{len(found)}")
+                found.setdefault(key, resource)
+            url, query = self._next_page(bundle, response, what), None
+        if url is not None:
+            log.debug("FHIR %s: stopped after %d pages", what, pages)
+        return list(found.values())
+
+    def get_binary(self, url: str, max_bytes: int, *, deadline: float | None = None) -> bytes:
+        """Fetch an attachment (``Binary/123`` or an absolute URL on this server) as raw bytes.
+
+        Asks for ``application/fhir+json``: a ``Binary`` resource answer is base64-decoded from
+        ``data``; any other content type is taken as the raw bytes. The body is streamed and
+        abandoned as soon as it exceeds the limit (base64 and JSON overhead allowed for).
+
+        Raises:
+            FhirTooLarge: more than ``max_bytes`` (declared or actual).
+            FhirError: off-origin URL, HTTP error, malformed ``Binary``.
+        """
+        what = "read Binary"
+        target = self._same_origin_url(url)
+        if target is None:
+            raise FhirError(f"{what}: attachment URL is not on the FHIR server's origin; not fetched")
+        timeout = self._timeout(deadline, what)
+        started = time.perf_counter()
+        try:
+            with self._http.stream("GET", target, timeout=timeout) as response:
+                _raise_for_status(response, what)
+                is_json = media_type(response.headers.get("content-type")) in (FHIR_JSON, "application/json")
+                limit = max_bytes * 4 // 3 + 65536 if is_json else max_bytes
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > limit:
+                    raise FhirTooLarge(
+                        f"{what}: attachment is {int(declared)} bytes, over {max_bytes}",
+                        status=response.status_code,
+                    )
+                chunks: list[bytes] = []
+                size = 0
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > limit:
+                        raise FhirTooLarge(
+                            f"{what}: attachment exceeds {max_bytes} bytes", status=response.status_code
+                        )
+                    chunks.append(chunk)
+        except httpx.TimeoutException as exc:
+            raise FhirTimeout(f"{what}: no answer within {timeout.read:.2f} s") from exc
+        except httpx.TransportError as exc:
+            raise FhirConnectionError(f"{what}: cannot reach the FHIR server ({type(exc).__name__})") from exc
+        log.debug(
+            "FHIR %s -> %d, %d bytes in %.0f ms",
+            what,
+            response.status_code,
+            size,
+            1000 * (time.perf_counter() - started),
+        )
+        body = b"".join(chunks)
+        if not is_json:
+            return body
+        binary = _parse_json(body, response, "Binary", what)
+        try:
+            data = base64.b64decode(str(binary.get("data") or ""), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise FhirMalformed(
+                f"{what}: Binary.data is not base64", status=response.status_code, response=response
+            ) from exc
+        if len(data) > max_bytes:
+            raise FhirTooLarge(
+                f"{what}: attachment is {len(data)} bytes, over {max_bytes}", status=response.status_code
+            )
+        return data
+
+    def binary_loader(self, max_bytes: int, *, deadline: float | None = None) -> Callable[[str], bytes]:
+        """A ``url → bytes`` callback for :func:`cds_service.features.extract_model_inputs`."""
+
+        def load(url: str) -> bytes:
+            return self.get_binary(url, max_bytes, deadline=deadline)
+
+        return load
+
+    def fetch_patient_data(
+        self, patient_id: str, mappings: Any, *, deadline: float | None = None, now: datetime | None = None
+    ) -> PatientData:
+        """Read the Patient and run the searches of :func:`build_queries` concurrently.
+
+        Args:
+            patient_id: the FHIR Patient id (the hook's ``context.patientId``).
+            mappings: the loaded ``fhir_mappings``.
+            deadline: :func:`time.monotonic` instant by which everything must be back.
+            now: the reference time for the date filters (default: the current UTC time).
+
+        Raises:
+            InputError: ``patient_id`` is not a FHIR id.
+            FhirError: the first failure among the requests (unknown patient → FhirNotFound);
+                :class:`FhirTimeout` when the deadline passes first.
+        """
+        _check_id(patient_id, "patient id")
+        started = time.perf_counter()
+        queries = build_queries(mappings, patient_id, now or datetime.now(UTC))
+        futures: dict[concurrent.futures.Future[Any], str] = {
+            self._pool.submit(self.read, "Patient", patient_id, deadline=deadline): "patient"
+        }
+        for q in queries:
+            futures[self._pool.submit(self.search, q.resource_type, q.params, deadline=deadline)] = q.name
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, pending = concurrent.futures.wait(
+            futures, timeout=remaining, return_when=concurrent.futures.FIRST_EXCEPTION
+        )
+        for future in done:
+            error = future.exception()
+            if error is not None:
+                for other in pending:
+                    other.cancel()
+                raise error
+        if pending:
+            for other in pending:
+                other.cancel()
+            raise FhirTimeout(
+                f"fetching patient data: {len(pending)} of {len(futures)} requests missed the deadline"
+            )
+        results = {name: future.result() for future, name in futures.items()}
+        data = PatientData(
+            patient=results["patient"],
+            observations=[r for q in queries if q.name.startswith("observations_") for r in results[q.name]],
+            ecgs=[
+                *results.get("ecg_observations", []),
+                *results.get("ecg_media", []),
+                *results.get("ecg_documents", []),
+            ],
+            lab_results=results.get("lab_results", []),
+            service_requests=results.get("service_requests", []),
+        )
+        log.debug(
+            "FHIR fetch: %d requests, %d observations, %d ECG resources, %d lab results, %d orders in %.0f ms",
+            len(futures),
+            len(data.observations),
+            len(data.ecgs),
+            len(data.lab_results),
+            len(data.service_requests),
+            1000 * (time.perf_counter() - started),
+        )
+        return data
+
+    # ------------------------------------------------------------------ internals
+
+    def _timeout(self, deadline: float | None, what: str) -> httpx.Timeout:
+        """The configured timeout, cut to what is left before ``deadline``."""
+        seconds = self.timeout
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FhirTimeout(f"{what}: the deadline passed before the request was sent")
+            seconds = min(seconds, left)
+        return httpx.Timeout(seconds)
+
+    def _get(
+        self, url: str, params: list[tuple[str, str]] | None, what: str, deadline: float | None
+    ) -> httpx.Response:
+        """One GET with error mapping; logs the interaction name, status and time only."""
+        timeout = self._timeout(deadline, what)
+        started = time.perf_counter()
+        try:
+            response = self._http.get(url, params=tuple(params) if params else None, timeout=timeout)
+        except httpx.TimeoutException as exc:
+            raise FhirTimeout(f"{what}: no answer within {timeout.read:.2f} s") from exc
+        except httpx.TransportError as exc:
+            raise FhirConnectionError(f"{what}: cannot reach the FHIR server ({type(exc).__name__})") from exc
+        log.debug(
+            "FHIR %s -> %d in %.0f ms", what, response.status_code, 1000 * (time.perf_counter() - started)
+        )
+        _raise_for_status(response, what)
+        return response
+
+    def _same_origin_url(self, url: str) -> str | None:
+        """``url`` made absolute against the base; ``None`` when it leaves the server's origin."""
+        try:
+            target = httpx.URL(self.base_url + "/").join(url)
+        except (httpx.InvalidURL, ValueError):
+            return None
+        return str(target) if _origin(target) == self._origin else None
+
+    def _next_page(self, bundle: dict[str, Any], response: httpx.Response, what: str) -> str | None:
+        """The ``next`` link of a searchset when it stays on this server, else ``None``."""
+        for link in bundle.get("link") or []:
+            if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+                target = self._same_origin_url(str(response.url.join(link["url"])))
+                if target is None:
+                    log.warning("FHIR %s: next-page link points to another origin; paging stopped", what)
+                return target
+        return None
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int]:
+    """(scheme, host, port) with the scheme's default port filled in."""
+    return (url.scheme, url.host.lower(), url.port or _DEFAULT_PORTS.get(url.scheme, 0))
+
+
+def _check_id(value: str, what: str) -> None:
+    """Refuse ids that are not FHIR ids (they would change the request path)."""
+    if not isinstance(value, str) or not _FHIR_ID.fullmatch(value):
+        raise InputError(f"{what} is not a valid FHIR id (1-64 characters of A-Z, a-z, 0-9, '-', '.')")
+
+
+def _check_type(resource_type: str) -> None:
+    """Refuse resource type names that are not FHIR type names."""
+    if not _RESOURCE_TYPE.fullmatch(resource_type):
+        raise InputError(f"resource type {resource_type!r} is not a FHIR resource type name")
+
+
+def _raise_for_status(response: httpx.Response, what: str) -> None:
+    """Map a non-2xx answer to the error tree (redirects included: they are never followed)."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    if 300 <= status < 400:
+        raise FhirError(
+            f"{what}: server answered with a redirect (HTTP {status}); redirects are not followed",
+            status=status,
+            response=response,
+        )
+    error = _STATUS_ERRORS.get(status) or (FhirServerError if status >= 500 else FhirError)
+    raise error(f"{what}: HTTP {status}", status=status, response=response)
+
+
+def _parse_json(body: bytes, response: httpx.Response, resource_type: str, what: str) -> dict[str, Any]:
+    """Parse a FHIR JSON body and check its ``resourceType``."""
+    try:
+        parsed = json.loads(body)
+    except ValueError as exc:
+        raise FhirMalformed(
+            f"{what}: body is not JSON", status=response.status_code, response=response
+        ) from exc
+    if not isinstance(parsed, dict) or parsed.get("resourceType") != resource_type:
+        got = parsed.get("resourceType") if isinstance(parsed, dict) else type(parsed).__name__
+        raise FhirMalformed(
+            f"{what}: expected a {resource_type}, got {got!r}", status=response.status_code, response=response
+        )
+    return parsed
+
+
+def _resource(response: httpx.Response, resource_type: str, what: str) -> dict[str, Any]:
+    """The JSON body of ``response`` as a resource of ``resource_type``."""
+    return _parse_json(response.content, response, resource_type, what)

@@ -1,0 +1,481 @@
+"""The FHIR client against ``httpx.MockTransport``: headers, paging, origin rules, errors, logging.
+
+Each test pins one rule of ``cds_service.fhir_client`` (module docstring); CDS Hooks 2.0 §"FHIR
+Resource Access" for the bearer token, FHIR R4 §3.1.0 (RESTful API: search paging via
+``Bundle.link[next]``, ``Accept: application/fhir+json``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from cds_service.errors import InputError
+from cds_service.fhir_client import (
+    FhirClient,
+    FhirConnectionError,
+    FhirError,
+    FhirForbidden,
+    FhirMalformed,
+    FhirNotFound,
+    FhirServerError,
+    FhirTimeout,
+    FhirTooLarge,
+    FhirUnauthorized,
+    build_queries,
+)
+from fhir_mappings import load_mappings
+
+BASE = "https://ehr.example.org/fhir"
+TOKEN = "s3cr3t-T0KEN-value"
+PATIENT = "pat-XYZ123"
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def _json(body: Any, status: int = 200, **headers: str) -> httpx.Response:
+    return httpx.Response(
+        status,
+        content=json.dumps(body).encode(),
+        headers={"content-type": "application/fhir+json", **headers},
+    )
+
+
+def _bundle(resources: list[dict[str, Any]], next_url: str | None = None) -> dict[str, Any]:
+    links = [{"relation": "self", "url": f"{BASE}/Observation"}]
+    if next_url:
+        links.append({"relation": "next", "url": next_url})
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "link": links,
+        "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources],
+    }
+
+
+def _client(handler: Handler, **kw: Any) -> FhirClient:
+    return FhirClient(BASE, kw.pop("token", TOKEN), transport=httpx.MockTransport(handler), **kw)
+
+
+def _obs(i: int) -> dict[str, Any]:
+    return {"resourceType": "Observation", "id": f"o{i}", "status": "final"}
+
+
+# --------------------------------------------------------------------------- headers
+
+
+def test_bearer_token_and_fhir_json_accept_are_sent() -> None:
+    """Every request carries ``Authorization: Bearer <fhirAuthorization.access_token>`` and Accept fhir+json."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return _json({"resourceType": "Patient", "id": PATIENT})
+
+    with _client(handler) as client:
+        assert client.read("Patient", PATIENT)["id"] == PATIENT
+    assert seen[0].headers["authorization"] == f"Bearer {TOKEN}"
+    assert seen[0].headers["accept"] == "application/fhir+json"
+    assert seen[0].url == httpx.URL(f"{BASE}/Patient/{PATIENT}")
+
+
+def test_no_authorization_header_without_token() -> None:
+    """Without fhirAuthorization no Authorization header is sent (open sandbox servers)."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return _json({"resourceType": "Patient", "id": PATIENT})
+
+    with _client(handler, token=None) as client:
+        client.read("Patient", PATIENT)
+    assert "authorization" not in seen[0].headers
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (401, FhirUnauthorized),
+        (403, FhirForbidden),
+        (404, FhirNotFound),
+        (410, FhirNotFound),
+        (500, FhirServerError),
+        (503, FhirServerError),
+        (400, FhirError),
+    ],
+)
+def test_http_status_maps_to_error_class(status: int, error: type[FhirError]) -> None:
+    """HTTP errors map to the documented tree and keep the status and the response."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return _json(
+            {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "x"}]}, status
+        )
+
+    with _client(handler) as client, pytest.raises(error) as info:
+        client.read("Patient", PATIENT)
+    assert type(info.value) is error
+    assert info.value.status == status and info.value.response is not None
+    assert PATIENT not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("response", "what"),
+    [
+        (httpx.Response(200, content=b"<html>login</html>"), "not JSON"),
+        (_json({"resourceType": "Observation", "id": "x"}), "wrong resourceType"),
+        (_json([1, 2, 3]), "not an object"),
+    ],
+    ids=["html", "wrong-type", "array"],
+)
+def test_malformed_body_is_fhir_malformed(response: httpx.Response, what: str) -> None:
+    """A body that is not JSON, or not the resource type asked for, raises FhirMalformed."""
+    with _client(lambda request: response) as client, pytest.raises(FhirMalformed):
+        client.read("Patient", PATIENT)
+
+
+def test_search_answer_that_is_not_a_bundle_is_malformed() -> None:
+    """A search must answer with a Bundle."""
+    with (
+        _client(lambda r: _json({"resourceType": "Patient", "id": "x"})) as client,
+        pytest.raises(FhirMalformed),
+    ):
+        client.search("Observation", [("code", "8867-4")])
+
+
+@pytest.mark.parametrize(
+    ("exception", "error"),
+    [
+        (httpx.ReadTimeout("slow"), FhirTimeout),
+        (httpx.ConnectTimeout("slow"), FhirTimeout),
+        (httpx.ConnectError("refused"), FhirConnectionError),
+    ],
+)
+def test_transport_failures_map_to_timeout_or_connection_error(
+    exception: Exception, error: type[FhirError]
+) -> None:
+    """Timeouts → FhirTimeout; refused/DNS/TLS → FhirConnectionError (status None)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exception
+
+    with _client(handler) as client, pytest.raises(error) as info:
+        client.read("Patient", PATIENT)
+    assert info.value.status is None
+
+
+def test_redirects_are_never_followed() -> None:
+    """A 3xx (even to the same server) is an error; the Location is never requested (no token leak)."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(302, headers={"location": "https://evil.example.com/steal"})
+
+    with _client(handler) as client, pytest.raises(FhirError) as info:
+        client.read("Patient", PATIENT)
+    assert info.value.status == 302
+    assert seen == [f"{BASE}/Patient/{PATIENT}"]
+
+
+def test_invalid_ids_are_refused_before_any_request() -> None:
+    """A patient id that is not a FHIR id (path tricks) raises InputError without a request."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("no request expected")
+
+    with _client(handler) as client:
+        for bad in ("../Observation", "a/b", "x" * 65, "", "id?x=1"):
+            with pytest.raises(InputError):
+                client.read("Patient", bad)
+        with pytest.raises(InputError):
+            client.read("patient; DROP", "p1")
+
+
+def test_base_url_must_be_http() -> None:
+    """The FHIR base must be an absolute http(s) URL."""
+    with pytest.raises(InputError):
+        FhirClient("ftp://ehr.example.org/fhir")
+
+
+def test_deadline_already_passed_sends_nothing() -> None:
+    """When the hook's deadline has passed the request is not sent: FhirTimeout."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("no request expected")
+
+    with _client(handler) as client, pytest.raises(FhirTimeout):
+        client.read("Patient", PATIENT, deadline=time.monotonic() - 0.01)
+
+
+# --------------------------------------------------------------------------- paging
+
+
+def test_search_follows_next_links_on_the_same_origin() -> None:
+    """Paging: Bundle.link[next] (relative or absolute, same scheme/host/port) is followed."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        page = request.url.params.get("page", "1")
+        if page == "1":
+            return _json(_bundle([_obs(1), _obs(2)], f"{BASE}/Observation?page=2"))
+        if page == "2":
+            return _json(_bundle([_obs(3)], "Observation?page=3"))
+        return _json(_bundle([_obs(2), _obs(4)]))  # o2 again: deduplicated
+
+    with _client(handler) as client:
+        found = client.search("Observation", [("subject", f"Patient/{PATIENT}")])
+    assert [r["id"] for r in found] == ["o1", "o2", "o3", "o4"]
+    assert len(seen) == 3
+
+
+def test_search_stops_at_max_pages() -> None:
+    """Paging stops after ``max_pages`` pages even if the server offers more."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        n = int(request.url.params.get("page", "1"))
+        seen.append(str(n))
+        return _json(_bundle([_obs(n)], f"{BASE}/Observation?page={n + 1}"))
+
+    with _client(handler, max_pages=2) as client:
+        found = client.search("Observation", [])
+    assert [r["id"] for r in found] == ["o1", "o2"] and seen == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    "next_url",
+    [
+        "https://evil.example.com/fhir/Observation?page=2",
+        "http://ehr.example.org/fhir/Observation?page=2",  # other scheme
+        "https://ehr.example.org:8443/fhir/Observation?page=2",  # other port
+    ],
+)
+def test_search_never_follows_next_link_off_origin(next_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A next link to another origin is not requested (the bearer token would go there)."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return _json(_bundle([_obs(1)], next_url))
+
+    with caplog.at_level(logging.WARNING, logger="cds_service.fhir_client"), _client(handler) as client:
+        assert [r["id"] for r in client.search("Observation", [])] == ["o1"]
+    assert len(seen) == 1
+    assert "another origin" in caplog.text
+
+
+def test_search_returns_only_matches_of_the_asked_type() -> None:
+    """Included resources and OperationOutcome warnings in a searchset are not results."""
+    bundle = _bundle([_obs(1)])
+    bundle["entry"] += [
+        {"resource": {"resourceType": "Patient", "id": "p"}, "search": {"mode": "include"}},
+        {"resource": {"resourceType": "OperationOutcome", "issue": []}, "search": {"mode": "outcome"}},
+        {"resource": _obs(2)},  # no search.mode: a match
+    ]
+    with _client(lambda r: _json(bundle)) as client:
+        assert [r["id"] for r in client.search("Observation", [])] == ["o1", "o2"]
+
+
+# --------------------------------------------------------------------------- binaries
+
+
+def test_get_binary_decodes_binary_resource_and_resolves_relative_url() -> None:
+    """``Binary/1`` resolves against the base; a Binary JSON answer is base64-decoded."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return _json(
+            {
+                "resourceType": "Binary",
+                "contentType": "application/zip",
+                "data": base64.b64encode(b"PK\x03\x04").decode(),
+            }
+        )
+
+    with _client(handler) as client:
+        assert client.get_binary("Binary/1", 100) == b"PK\x03\x04"
+    assert seen == [f"{BASE}/Binary/1"]
+
+
+def test_get_binary_accepts_raw_bytes() -> None:
+    """A server that answers with the raw content type (not JSON) gives the bytes as they are."""
+    raw = httpx.Response(200, content=b"\x00DICM", headers={"content-type": "application/dicom"})
+    with _client(lambda r: raw) as client:
+        assert client.get_binary(f"{BASE}/Binary/2", 100) == b"\x00DICM"
+
+
+def test_get_binary_refuses_other_origins() -> None:
+    """Attachment URLs off the FHIR server's origin are never fetched."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("no request expected")
+
+    with _client(handler) as client, pytest.raises(FhirError, match="origin"):
+        client.get_binary("https://cdn.example.net/ecg.zip", 100)
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(200, content=b"x" * 500, headers={"content-type": "application/zip"}),
+        _json({"resourceType": "Binary", "data": base64.b64encode(b"y" * 150).decode()}),
+    ],
+    ids=["raw", "binary-json"],
+)
+def test_get_binary_enforces_the_size_limit(response: httpx.Response) -> None:
+    """More than ``max_bytes`` (raw or decoded) raises FhirTooLarge (reason attachment_too_large)."""
+    with _client(lambda r: response) as client, pytest.raises(FhirTooLarge) as info:
+        client.get_binary("Binary/3", 100)
+    assert info.value.reason == "attachment_too_large"
+
+
+def test_get_binary_bad_base64_is_malformed() -> None:
+    """Binary.data that is not base64 → FhirMalformed."""
+    with (
+        _client(lambda r: _json({"resourceType": "Binary", "data": "!!not base64!!"})) as client,
+        pytest.raises(FhirMalformed),
+    ):
+        client.get_binary("Binary/4", 100)
+
+
+# --------------------------------------------------------------------------- fetch_patient_data
+
+
+@pytest.fixture(scope="module")
+def mappings() -> Any:
+    return load_mappings()
+
+
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+
+
+def _routing_handler(requests: list[httpx.Request], barrier: threading.Barrier | None = None) -> Handler:
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        if barrier is not None:
+            barrier.wait()
+        kind = request.url.path.rsplit("/", 2)
+        if kind[-2] == "Patient":
+            return _json({"resourceType": "Patient", "id": kind[-1], "gender": "female"})
+        return _json(_bundle([]))
+
+    return handler
+
+
+def test_fetch_patient_data_uses_portable_searches_from_mappings(mappings: Any) -> None:
+    """Searches use subject=Patient/X, system|code lists from fhir_mappings, date=ge, _sort, _count; no unknown params."""
+    requests: list[httpx.Request] = []
+    with _client(_routing_handler(requests)) as client:
+        data = client.fetch_patient_data(PATIENT, mappings, now=NOW)
+    assert data.patient == {"resourceType": "Patient", "id": PATIENT, "gender": "female"}
+    searches = {
+        (r.url.path.rsplit("/", 1)[-1], r.url.params.get("code") or r.url.params.get("type") or ""): r
+        for r in requests
+    }
+    assert len(requests) == 1 + len(build_queries(mappings, PATIENT, NOW))
+    allowed = {"subject", "code", "type", "date", "created", "status", "_sort", "_count"}
+    for request in requests:
+        if request.url.path.endswith(f"Patient/{PATIENT}"):
+            continue
+        assert request.url.params["subject"] == f"Patient/{PATIENT}"
+        assert set(request.url.params.keys()) <= allowed
+    vitals = next(r for key, r in searches.items() if key[0] == "Observation" and "8867-4" in key[1])
+    assert "http://loinc.org|8867-4" in vitals.url.params["code"].split(",")
+    assert "http://loinc.org|85354-9" in vitals.url.params["code"].split(",")
+    assert vitals.url.params["_sort"] == "-date"
+    # vital signs: now − 24 h (ECG max age) − 30 min; biometrics: − 30 days, in their own search
+    assert vitals.url.params["date"] == "ge2025-05-31T11:30:00Z"
+    biometrics = next(r for key, r in searches.items() if key[0] == "Observation" and "29463-7" in key[1])
+    assert biometrics.url.params["date"] == "ge2025-05-01T12:00:00Z"
+    assert "8867-4" not in biometrics.url.params["code"]
+    media = next(r for r in requests if r.url.path.endswith("/Media"))
+    assert set(media.url.params.keys()) == {"subject", "created", "_sort", "_count"}
+    orders = next(r for r in requests if r.url.path.endswith("/ServiceRequest"))
+    assert orders.url.params["status"] == "active,draft"
+
+
+def test_fetch_patient_data_runs_queries_concurrently(mappings: Any) -> None:
+    """All of one hook's requests are in flight at once (a barrier of all of them must open)."""
+    requests: list[httpx.Request] = []
+    n = 1 + len(build_queries(mappings, PATIENT, NOW))
+    barrier = threading.Barrier(n, timeout=5)
+    with _client(_routing_handler(requests, barrier), max_workers=n) as client:
+        client.fetch_patient_data(PATIENT, mappings, now=NOW)
+    assert len(requests) == n and not barrier.broken
+
+
+def test_fetch_patient_data_unknown_patient_is_not_found(mappings: Any) -> None:
+    """The Patient read answers 404: FhirNotFound (the hook answers without advice)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if "/Patient/" in request.url.path:
+            return _json({"resourceType": "OperationOutcome", "issue": []}, 404)
+        return _json(_bundle([]))
+
+    with _client(handler) as client, pytest.raises(FhirNotFound):
+        client.fetch_patient_data(PATIENT, mappings, now=NOW)
+
+
+def test_fetch_patient_data_respects_the_deadline(mappings: Any) -> None:
+    """A slow server: fetch_patient_data gives up at the deadline with FhirTimeout."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        time.sleep(0.6)
+        return _json(_bundle([]))
+
+    started = time.monotonic()
+    with _client(handler) as client, pytest.raises(FhirTimeout):
+        client.fetch_patient_data(PATIENT, mappings, now=NOW, deadline=time.monotonic() + 0.15)
+    assert time.monotonic() - started < 0.5
+
+
+def test_logs_never_contain_patient_id_or_token(mappings: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Privacy: at DEBUG, no log record names the patient id or the token; httpx loggers stay at WARNING."""
+    caplog.set_level(logging.DEBUG)
+    requests: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        if "/Patient/" in request.url.path:
+            return _json({"resourceType": "Patient", "id": PATIENT})
+        if request.url.path.endswith("/Binary/b1"):
+            return _json({}, 500)
+        return _json(_bundle([_obs(1)], f"https://evil.example.com/fhir/x?patient={PATIENT}"))
+
+    with _client(handler) as client:
+        client.fetch_patient_data(PATIENT, mappings, now=NOW)
+        with pytest.raises(FhirServerError) as info:
+            client.get_binary("Binary/b1", 10)
+    assert requests and PATIENT in str(requests[0].url)  # the id really was in the URLs
+    assert caplog.records, "expected debug log lines"
+    for record in caplog.records:
+        text = record.getMessage()
+        assert PATIENT not in text and TOKEN not in text, text
+    assert PATIENT not in str(info.value) and TOKEN not in str(info.value)
+    assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING
+    assert logging.getLogger("httpcore").getEffectiveLevel() >= logging.WARNING
+    assert TOKEN not in repr(client)
+
+
+def test_binary_loader_is_bound_to_the_limit() -> None:
+    """``binary_loader(max_bytes)`` is the url → bytes callback extract_model_inputs expects."""
+    raw = httpx.Response(200, content=b"z" * 20, headers={"content-type": "application/zip"})
+    with _client(lambda r: raw) as client:
+        assert client.binary_loader(20)("Binary/5") == b"z" * 20
+        with pytest.raises(FhirTooLarge):
+            client.binary_loader(10)("Binary/5")
