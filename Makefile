@@ -31,7 +31,19 @@ $(FHIR_VENV)/.installed:
 	$(FHIR_VENV)/bin/pip install $(PIP_FLAGS) -q sekmet-fhir==0.1.1
 	@touch $@
 
-install: $(VENV)/.installed $(FHIR_VENV)/.installed
+# The second FHIR test server (Medplum's FhirRouter on Node 22, both from npm). Optional: the
+# integration tests skip it when it is absent, so an npm failure does not fail the build.
+MEDPLUM := tools/fhir-medplum
+MEDPLUM_WRAPPER := $(wildcard ../shared/fhir-test-servers/medplum-server.mjs)
+
+$(MEDPLUM)/node_modules/.installed: $(MEDPLUM)/package.json
+	@if command -v npm >/dev/null 2>&1 && [ -n "$(MEDPLUM_WRAPPER)" ]; then \
+	  cp $(MEDPLUM_WRAPPER) $(MEDPLUM)/server.mjs && \
+	  (cd $(MEDPLUM) && npm ci --no-audit --no-fund --loglevel=error) && touch $@ \
+	  || echo "make: Medplum test server not installed; its tests will be skipped" >&2; \
+	else echo "make: npm or the Medplum wrapper is missing; Medplum tests will be skipped" >&2; fi
+
+install: $(VENV)/.installed $(FHIR_VENV)/.installed $(MEDPLUM)/node_modules/.installed
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
