@@ -11,7 +11,7 @@ WHEELS := $(wildcard /opt/wheels)
 PIP_FLAGS := --disable-pip-version-check --progress-bar off $(if $(WHEELS),--find-links $(WHEELS))
 PYTEST_ARGS ?=
 
-.PHONY: help install test lint format demo soak bench clean
+.PHONY: help install browser test lint format demo soak bench clean
 
 help:
 	@echo "make demo   - start a seeded FHIR server and the service with the bundled model, fire hooks, show cards"
@@ -43,7 +43,17 @@ $(MEDPLUM)/node_modules/.installed: $(MEDPLUM)/package.json
 	  || echo "make: Medplum test server not installed; its tests will be skipped" >&2; \
 	else echo "make: npm or the Medplum wrapper is missing; Medplum tests will be skipped" >&2; fi
 
-install: $(VENV)/.installed $(FHIR_VENV)/.installed $(MEDPLUM)/node_modules/.installed
+# Debian's Chromium + ChromeDriver for the card-preview page's browser test. Installed only when
+# missing and when we may (root with apt-get, as on CI); otherwise that test skips and says why.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "make: installing Debian chromium + chromium-driver for the browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	  || echo "make: chromium install failed; the browser test will be skipped" >&2; \
+	else echo "make: no chromium and no root apt-get; the browser test will be skipped" >&2; fi
+
+install: $(VENV)/.installed $(FHIR_VENV)/.installed $(MEDPLUM)/node_modules/.installed browser
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
@@ -55,7 +65,7 @@ test: install
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-demo: install
+demo: $(VENV)/.installed $(FHIR_VENV)/.installed
 	$(BIN)/ecglab demo
 
 soak: install

@@ -1,0 +1,273 @@
+"""Prefetch: the templates the service asks EHRs for, and turning what they send into PatientData.
+
+Templates (CDS Hooks 2.0 §Prefetch) are built from ``fhir_mappings`` so that the codes the EHR is
+asked for are exactly the codes the feature extractor reads. Only the 2.0 "recommended subset" is
+used (instance read, ``subject=Patient/…`` reference search, token ``code=`` lists, ``_sort``, ``_count``):
+no relative dates, since 2.0 has none; windows are applied in code instead. The same
+:class:`PrefetchQuery` objects serve as the fallback queries when a key is missing and the service
+reads the FHIR server itself, so prefetched and self-fetched data are the same query.
+
+Decoding follows the prefetch-state table of cdshooks.md §4 (HAPI's auto-prefetch rules):
+
+=========================================  =================================================
+value sent for a key                       meaning here
+=========================================  =================================================
+key absent                                 not satisfied: fetch it ourselves, else 412
+``null``                                   queried, nothing found: no data, no re-query
+``OperationOutcome``                       the client hit an error: treated as absent
+Bundle with an error/fatal OperationOutcome the query failed: treated as absent
+Bundle whose OperationOutcome entries are  Epic's "no results" (``search.mode = outcome``):
+only warnings/information                  the other entries are the answer (often none)
+Bundle / resource                          the answer; entries of other resource types skipped
+anything else (a string, a number)         malformed: treated as absent
+=========================================  =================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from fhir_mappings import Coding, Mappings
+
+if TYPE_CHECKING:
+    from cds_service.features import PatientData
+
+log = logging.getLogger(__name__)
+
+PATIENT_TOKEN = "{{context.patientId}}"
+MAX_TEMPLATE_CHARS = 1800  # well under the ~2 KB GET limit of older proxies and browsers
+PAGE_SIZE = 100  # vital-sign, biometric and lab Observations, ServiceRequests
+ECG_COUNT = 5  # ECG resources carry the waveform (hundreds of KB each): only the newest few
+
+DataField = Literal["patient", "observations", "ecgs", "lab_results", "service_requests"]
+
+#: Prefetch keys, in the order they appear in discovery.
+PATIENT, VITALS, ECG_OBSERVATIONS, ECG_MEDIA, ECG_DOCUMENTS, LABS, ORDERS = (
+    "patient",
+    "vitals",
+    "ecgObservations",
+    "ecgMedia",
+    "ecgDocuments",
+    "labs",
+    "orders",
+)
+
+
+@dataclass(frozen=True)
+class PrefetchQuery:
+    """One prefetch key: a FHIR read or search on the current patient, and where its data goes.
+
+    ``params`` values may contain ``{{context.patientId}}``; :meth:`template` renders the discovery
+    string, :meth:`bind` the concrete query for a fallback fetch (values are URL-encoded by the
+    HTTP client, never spliced into a URL by hand).
+    """
+
+    key: str
+    target: DataField
+    resource_type: str
+    params: tuple[tuple[str, str], ...] = ()
+    read: bool = False
+
+    def template(self) -> str:
+        """The discovery template string, e.g. ``Observation?patient={{context.patientId}}&code=...``."""
+        if self.read:
+            return f"{self.resource_type}/{PATIENT_TOKEN}"
+        return f"{self.resource_type}?" + "&".join(f"{name}={value}" for name, value in self.params)
+
+    def bind(self, patient_id: str) -> list[tuple[str, str]]:
+        """Search parameters with the patient id filled in (for :meth:`FhirClient.search`)."""
+        return [(name, value.replace(PATIENT_TOKEN, patient_id)) for name, value in self.params]
+
+
+@dataclass
+class DecodedPrefetch:
+    """What the prefetch gave, per key: resources for satisfied keys, and the keys still missing."""
+
+    resources: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)  # key -> why it counts as missing (for logs)
+
+
+def code_param(codings: Iterable[Coding], *, budget: int) -> str:
+    """A ``code=`` token list: ``system|code`` pairs when they fit ``budget`` characters, else bare codes.
+
+    Bare codes still match (a token search without a system matches any system); they are only
+    used when the qualified list would make the URL longer than older proxies accept.
+    """
+    unique = list(dict.fromkeys((c.system, c.code) for c in codings))
+    qualified = ",".join(f"{s}|{c}" if s else str(c) for s, c in unique)
+    if len(qualified) <= budget:
+        return qualified
+    return ",".join(dict.fromkeys(str(c) for _, c in unique))
+
+
+def build_queries(mappings: Mappings) -> tuple[PrefetchQuery, ...]:
+    """The prefetch queries, built from the feature, lab and ECG codes of ``fhir_mappings``.
+
+    They mirror :func:`cds_service.fhir_client.build_queries` (same resources, codes, sort and
+    page sizes) minus its date filters, which CDS Hooks 2.0 templates cannot express; the feature
+    extractor applies the time windows to whatever arrives. A query whose code list would be
+    empty is left out, as the FHIR client leaves it out.
+    """
+    vital_codes: list[Coding] = []
+    for spec in mappings.features:
+        source = spec.fhir
+        if source.kind != "observation":
+            continue
+        vital_codes.extend(source.codes)
+        vital_codes.extend(ref.panel for ref in source.components)
+    lab_codes = [coding for lab in mappings.labs for coding in lab.result_codes]
+    order_codes = [lab.order_code for lab in mappings.labs if lab.order_code is not None]
+    ecg = mappings.ecg
+    subject = ("subject", f"Patient/{PATIENT_TOKEN}")
+    budget = MAX_TEMPLATE_CHARS - 120
+
+    def search(key: str, target: DataField, resource_type: str, *params: tuple[str, str]) -> PrefetchQuery:
+        """A search query on the current patient (``subject=Patient/{{context.patientId}}`` first)."""
+        return PrefetchQuery(key, target, resource_type, (subject, *params))
+
+    queries = [PrefetchQuery(PATIENT, "patient", "Patient", read=True)]
+    if vital_codes:
+        queries.append(
+            search(
+                VITALS,
+                "observations",
+                "Observation",
+                ("code", code_param(vital_codes, budget=budget)),
+                ("_sort", "-date"),
+                ("_count", str(PAGE_SIZE)),
+            )
+        )
+    if ecg.observation_codes:
+        queries.append(
+            search(
+                ECG_OBSERVATIONS,
+                "ecgs",
+                "Observation",
+                ("code", code_param(ecg.observation_codes, budget=budget)),
+                ("_sort", "-date"),
+                ("_count", str(ECG_COUNT)),
+            )
+        )
+    if ecg.media_codes:  # Media has no portable code search: its codes are checked after fetching
+        queries.append(search(ECG_MEDIA, "ecgs", "Media", ("_sort", "-created"), ("_count", str(ECG_COUNT))))
+    if ecg.document_codes:
+        queries.append(
+            search(
+                ECG_DOCUMENTS,
+                "ecgs",
+                "DocumentReference",
+                ("type", code_param(ecg.document_codes, budget=budget)),
+                ("_sort", "-date"),
+                ("_count", str(ECG_COUNT)),
+            )
+        )
+    if lab_codes:
+        queries.append(
+            search(
+                LABS,
+                "lab_results",
+                "Observation",
+                ("code", code_param(lab_codes, budget=budget)),
+                ("_sort", "-date"),
+                ("_count", str(PAGE_SIZE)),
+            )
+        )
+    if order_codes:
+        queries.append(
+            search(
+                ORDERS,
+                "service_requests",
+                "ServiceRequest",
+                ("status", "active,draft"),
+                ("code", code_param(order_codes, budget=budget)),
+                ("_count", str(PAGE_SIZE)),
+            )
+        )
+    return tuple(queries)
+
+
+def templates(queries: Sequence[PrefetchQuery]) -> dict[str, str]:
+    """The discovery ``prefetch`` object: key → template string."""
+    return {q.key: q.template() for q in queries}
+
+
+# -- decoding ---------------------------------------------------------------------------------------
+
+
+def _outcome_is_error(resource: Mapping[str, Any]) -> bool:
+    """Whether an OperationOutcome reports a failure (error/fatal issue, or no issues at all)."""
+    issues = resource.get("issue")
+    if not isinstance(issues, list) or not issues:
+        return True  # an OperationOutcome with no issues says nothing useful: count it as a failure
+    return any(isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in issues)
+
+
+def decode_value(value: Any, query: PrefetchQuery) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """One prefetch value → (resources of the query's type, None) or (None, why it counts as missing)."""
+    if value is None:
+        return [], None
+    if not isinstance(value, dict) or not isinstance(value.get("resourceType"), str):
+        return None, "not a FHIR resource"
+    kind = value["resourceType"]
+    if kind == "OperationOutcome":
+        return None, "OperationOutcome"
+    if kind == "Bundle":
+        entries = value.get("entry") or []
+        if not isinstance(entries, list):
+            return None, "Bundle.entry is not a list"
+        found: list[dict[str, Any]] = []
+        for entry in entries:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(resource, dict):
+                continue
+            if resource.get("resourceType") == "OperationOutcome":
+                if _outcome_is_error(resource):
+                    return None, "Bundle carries an error OperationOutcome"
+                continue
+            if resource.get("resourceType") == query.resource_type:
+                found.append(resource)
+        return found, None
+    if kind == query.resource_type:
+        return [value], None
+    return None, f"unexpected resourceType {kind}"
+
+
+def decode_prefetch(prefetch: Mapping[str, Any] | None, queries: Sequence[PrefetchQuery]) -> DecodedPrefetch:
+    """Sort the request's prefetch into satisfied keys (with their resources) and missing keys."""
+    decoded = DecodedPrefetch()
+    given = prefetch or {}
+    for query in queries:
+        if query.key not in given:
+            decoded.missing.append(query.key)
+            continue
+        resources, problem = decode_value(given[query.key], query)
+        if resources is None:
+            decoded.missing.append(query.key)
+            decoded.notes[query.key] = problem or "unusable"
+        else:
+            decoded.resources[query.key] = resources
+    return decoded
+
+
+def assemble(resources: Mapping[str, list[dict[str, Any]]], queries: Sequence[PrefetchQuery]) -> PatientData:
+    """Merge per-key resources (prefetched or fetched) into one ``PatientData``."""
+    from cds_service.features import PatientData
+
+    fields: dict[str, list[dict[str, Any]]] = {
+        "observations": [],
+        "ecgs": [],
+        "lab_results": [],
+        "service_requests": [],
+    }
+    patient: dict[str, Any] | None = None
+    for query in queries:
+        found = resources.get(query.key, [])
+        if query.target == "patient":
+            patient = found[0] if found else None
+        else:
+            fields[query.target].extend(found)
+    return PatientData(patient=patient, **fields)

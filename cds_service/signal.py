@@ -1,0 +1,245 @@
+"""ECG preprocessing shared by training and the service: any 12-lead recording → (1000, 12) float32 mV.
+
+Both ``ecglab preprocess`` (MIMIC-IV-ECG WFDB records) and the CDS service (FHIR ECG resources)
+feed the model through this module, so a recording is treated the same way in training and at the
+bedside. Only numpy and scipy are used: the service image has no torch or pandas.
+
+Steps (method §2.2, in this order):
+
+1. **Leads by name, never by position.** Each input lead name is resolved to a model lead with
+   :func:`canonical_lead`; the output columns follow :data:`MODEL_LEADS`
+   (I, II, V1–V6, III, aVR, aVL, aVF). MIMIC stores I, II, III, aVR, aVF, aVL, V1–V6; other
+   sources use other orders and spellings ("Lead II", "MDC_ECG_LEAD_AVR", "v1").
+2. **Linear interpolation of missing samples** per lead (NaN and ±inf; the edges take the nearest
+   valid sample). A lead with no finite sample is rejected (reason ``non_finite``).
+3. **Clip to ±3 mV** (the reference code's ``clip_amp=3``).
+4. **Resample to 100 Hz** with :func:`scipy.signal.resample_poly` using the rational ratio
+   ``100 / fs``. *Deviation:* the reference code uses ``resampy`` (a band-limited sinc
+   interpolator). Both are anti-aliased band-limited resamplers and agree to within the filter
+   ripple on ECG content (< 40 Hz); ``resample_poly`` is in scipy, exact for the rational
+   ratios of real ECG devices (500→100 is a clean 1/5 decimation) and adds no dependency.
+5. **Take the first 10 s**, or, for a recording between :data:`MIN_DURATION_S` (2.5 s, one model
+   window) and 10 s, **edge-pad** it to 10 s. *Deviation:* MIMIC-IV-ECG records are always 10 s,
+   so the reference code never pads; the service may meet shorter rhythm strips. Edge padding
+   repeats the last sample so no artificial step is introduced; shorter than 2.5 s is rejected
+   (reason ``too_short``) because not even one model window would be real signal.
+
+:func:`prepare_ecg_batch` is the vectorised form used by ``ecglab preprocess`` for many records of
+the same shape; :func:`prepare_ecg` is that same code with a batch of one, so both give
+bit-identical output.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
+
+import numpy as np
+import numpy.typing as npt
+from scipy.signal import resample_poly
+
+from cds_service.errors import InputError
+
+MODEL_LEADS: tuple[str, ...] = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6", "III", "aVR", "aVL", "aVF")
+"""The model's lead order (reference code ``channel_stoi_default``)."""
+
+TARGET_FS: int = 100
+"""Sampling rate of the stored and model-ready signal, Hz."""
+
+TARGET_SECONDS: float = 10.0
+"""Length of the stored signal, seconds."""
+
+TARGET_SAMPLES: int = int(TARGET_FS * TARGET_SECONDS)
+"""Samples per lead of the stored signal (1000)."""
+
+MIN_DURATION_S: float = 2.5
+"""Shortest accepted recording: one model input window (250 samples at 100 Hz)."""
+
+CLIP_MV: float = 3.0
+"""Amplitude limit in mV; larger excursions are clipped (reference ``clip_amp=3``)."""
+
+MAX_RATIO_DENOMINATOR: int = 1000
+"""Largest denominator of the resampling ratio ``100 / fs`` (bounds the polyphase filter size)."""
+
+
+class EcgError(InputError):
+    """An ECG that cannot be turned into model input; ``reason`` names why.
+
+    Reasons: ``bad_shape`` (not a (samples, leads) array matching the lead names, or no samples),
+    ``bad_fs`` (sampling rate not a positive finite number), ``missing_leads`` (a model lead is
+    absent), ``duplicate_leads`` (two inputs resolve to the same model lead), ``non_finite``
+    (a lead has no finite sample), ``too_short`` (shorter than :data:`MIN_DURATION_S`).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _key(name: str) -> str:
+    """Normalise a lead name for matching: upper case, no spaces, dashes, underscores or dots."""
+    return re.sub(r"[\s_.\-]+", "", name).upper()
+
+
+_PREFIXES: tuple[str, ...] = ("MDCECGLEAD", "LEAD")
+_BUILTIN: dict[str, str] = {_key(lead): lead for lead in MODEL_LEADS}
+
+
+def canonical_lead(name: str, aliases: Mapping[str, Sequence[str]] | None = None) -> str | None:
+    """Resolve a lead name to its :data:`MODEL_LEADS` spelling, or ``None`` when it is no model lead.
+
+    Matching ignores case, blanks, dots, dashes and underscores, and a leading ``Lead``/
+    ``MDC_ECG_LEAD_`` (so ``"lead ii"``, ``"MDC_ECG_LEAD_AVR"`` and ``"v1"`` resolve). ``aliases``
+    maps a model lead to extra names (e.g. ``fhir_mappings``' ``ecg.lead_aliases``); they are
+    tried first, with the same normalisation.
+
+    Args:
+        name: the lead name as the source spells it.
+        aliases: optional model lead → alternative names.
+
+    Returns:
+        The model lead name, or ``None`` for leads the model does not use (e.g. Frank X/Y/Z).
+    """
+    key = _key(name)
+    if aliases:
+        for lead, names in aliases.items():
+            if lead in MODEL_LEADS and any(_key(alias) == key for alias in names):
+                return lead
+    if key in _BUILTIN:
+        return _BUILTIN[key]
+    for prefix in _PREFIXES:
+        if key.startswith(prefix) and key[len(prefix) :] in _BUILTIN:
+            return _BUILTIN[key[len(prefix) :]]
+    return None
+
+
+def lead_index(lead_names: Sequence[str], aliases: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
+    """Column index of each model lead in an input whose columns are named ``lead_names``.
+
+    Raises:
+        EcgError: ``missing_leads`` naming the absent model leads, or ``duplicate_leads`` when
+            two input columns resolve to the same model lead.
+    """
+    found: dict[str, int] = {}
+    for column, name in enumerate(lead_names):
+        lead = canonical_lead(str(name), aliases)
+        if lead is None:
+            continue
+        if lead in found:
+            raise EcgError(
+                "duplicate_leads",
+                f"ECG leads {lead_names[found[lead]]!r} and {name!r} both resolve to lead {lead}",
+            )
+        found[lead] = column
+    missing = [lead for lead in MODEL_LEADS if lead not in found]
+    if missing:
+        raise EcgError(
+            "missing_leads", f"ECG lacks lead(s) {', '.join(missing)} (has {', '.join(map(str, lead_names))})"
+        )
+    return np.array([found[lead] for lead in MODEL_LEADS], dtype=np.intp)
+
+
+def resample_ratio(fs: float) -> tuple[int, int]:
+    """``(up, down)`` with ``up / down`` = ``TARGET_FS / fs`` (denominator ≤ 1000).
+
+    Raises:
+        EcgError: ``bad_fs`` when ``fs`` is not a positive finite number.
+    """
+    if not np.isfinite(fs) or fs <= 0:
+        raise EcgError("bad_fs", f"ECG sampling rate must be a positive number, got {fs!r}")
+    ratio = Fraction(TARGET_FS / float(fs)).limit_denominator(MAX_RATIO_DENOMINATOR)
+    if ratio == 0:
+        raise EcgError("bad_fs", f"ECG sampling rate {fs!r} Hz is too high to resample to {TARGET_FS} Hz")
+    return ratio.numerator, ratio.denominator
+
+
+def _interpolate_missing(batch: np.ndarray) -> None:
+    """Replace non-finite samples in place by linear interpolation along time, per record and lead.
+
+    Raises:
+        EcgError: ``non_finite`` when a lead has no finite sample at all.
+    """
+    finite = np.isfinite(batch)
+    if finite.all():
+        return
+    n_samples = batch.shape[1]
+    t = np.arange(n_samples)
+    bad_records, bad_leads = np.nonzero(~finite.all(axis=1))
+    for record, lead in zip(bad_records.tolist(), bad_leads.tolist(), strict=True):
+        ok = finite[record, :, lead]
+        if not ok.any():
+            raise EcgError("non_finite", f"ECG lead {MODEL_LEADS[lead]} has no finite sample")
+        batch[record, ~ok, lead] = np.interp(t[~ok], t[ok], batch[record, ok, lead])
+
+
+def prepare_ecg_batch(
+    signals: npt.ArrayLike,
+    fs: float,
+    lead_names: Sequence[str],
+    aliases: Mapping[str, Sequence[str]] | None = None,
+) -> npt.NDArray[np.float32]:
+    """Prepare a batch of recordings that share sampling rate, length and lead layout.
+
+    Args:
+        signals: (B, T, C) array in mV; column ``c`` is lead ``lead_names[c]``.
+        fs: sampling rate in Hz.
+        lead_names: names of the C input columns (any order, extra leads ignored).
+        aliases: optional model lead → alternative names (see :func:`canonical_lead`).
+
+    Returns:
+        (B, 1000, 12) float32 mV in :data:`MODEL_LEADS` order at :data:`TARGET_FS`.
+
+    Raises:
+        EcgError: with ``reason`` ``bad_shape``, ``bad_fs``, ``missing_leads``,
+            ``duplicate_leads``, ``non_finite`` or ``too_short``.
+    """
+    arr = np.asarray(signals)
+    if arr.ndim != 3 or arr.shape[1] == 0 or arr.shape[2] != len(lead_names):
+        raise EcgError(
+            "bad_shape",
+            f"ECG signal must be (samples, leads) with one column per lead name ({len(lead_names)}), got shape {arr.shape[1:]}",
+        )
+    if not np.issubdtype(arr.dtype, np.number):
+        raise EcgError("bad_shape", f"ECG signal must be numeric, got dtype {arr.dtype}")
+    up, down = resample_ratio(fs)
+    n_in = arr.shape[1]
+    if n_in / float(fs) < MIN_DURATION_S:
+        raise EcgError(
+            "too_short",
+            f"ECG lasts {n_in / float(fs):.2f} s, shorter than the {MIN_DURATION_S} s minimum",
+        )
+    columns = lead_index(lead_names, aliases)
+    # Keep only the model leads, in model order; float64 for the filter arithmetic.
+    batch = arr[:, :, columns].astype(np.float64)  # (B, T, 12)
+    _interpolate_missing(batch)
+    np.clip(batch, -CLIP_MV, CLIP_MV, out=batch)
+    if (up, down) != (1, 1):
+        batch = resample_poly(batch, up, down, axis=1)  # (B, ceil(T*up/down), 12)
+    n_out = batch.shape[1]
+    if n_out >= TARGET_SAMPLES:
+        batch = batch[:, :TARGET_SAMPLES, :]
+    else:
+        batch = np.pad(batch, ((0, 0), (0, TARGET_SAMPLES - n_out), (0, 0)), mode="edge")
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+def prepare_ecg(
+    signal: npt.ArrayLike,
+    fs: float,
+    lead_names: Sequence[str],
+    aliases: Mapping[str, Sequence[str]] | None = None,
+) -> npt.NDArray[np.float32]:
+    """Turn one recording into model input: (T, C) mV at ``fs`` Hz → (1000, 12) float32 mV.
+
+    Leads are matched by name, missing samples interpolated, amplitudes clipped to ±3 mV, the
+    signal resampled to 100 Hz and cut or edge-padded to 10 s (see the module docstring).
+
+    Raises:
+        EcgError: with ``reason`` ``bad_shape``, ``bad_fs``, ``missing_leads``,
+            ``duplicate_leads``, ``non_finite`` or ``too_short``.
+    """
+    arr = np.asarray(signal)
+    if arr.ndim != 2:
+        raise EcgError("bad_shape", f"ECG signal must be a 2-D (samples, leads) array, got {arr.ndim}-D")
+    return prepare_ecg_batch(arr[np.newaxis], fs, lead_names, aliases)[0]
