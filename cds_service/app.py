@@ -32,7 +32,7 @@ import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from sqlalchemy import Engine
@@ -104,9 +104,7 @@ def _load_runtime(settings: Settings) -> ModelRuntimeLike:
     from cds_service.inference import ModelRuntime
 
     runtime = ModelRuntime.load(settings.model_dir, list(settings.onnx_providers) or None)
-    # ModelRuntime.predict is typed against its own structural view of ModelInputs (mutable protocol
-    # attributes make mypy call the two incompatible); at run time it receives exactly ModelInputs.
-    return cast(ModelRuntimeLike, runtime)
+    return runtime
 
 
 def build_discovery(queries: tuple[PrefetchQuery, ...], runtime: ModelRuntimeLike) -> dict[str, Any]:

@@ -339,8 +339,8 @@ def _fire_hooks(demo: Demo) -> list[DemoCard]:
 
 
 def _row(patient: str, hook: str, card: dict) -> DemoCard:
-    extension = card.get("extension") if isinstance(card.get("extension"), dict) else {}
-    facts = extension.get(CARD_EXTENSION, {})
+    extension = card.get("extension")
+    facts = extension.get(CARD_EXTENSION, {}) if isinstance(extension, dict) else {}
     lab = facts.get("lab") or card.get("summary", "")[:40]
     horizons = facts.get("horizons") or []
     when = ", ".join("now" if h == 0 else f"≤{h} min" for h in horizons) or "—"

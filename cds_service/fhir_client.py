@@ -80,7 +80,9 @@ ECG_PAGE_SIZE: int = 5
 LAB_LOOKBACK: timedelta = timedelta(days=7)
 """How far back lab results are fetched (the service shows or de-duplicates recent results)."""
 
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+# FHIR R4 caps ids at 64 characters, but Epic hands out longer ones (cdshooks.md §0): accept up to
+# 256 of the id alphabet, which still keeps ids from changing the request path.
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,256}")
 _RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -577,7 +579,7 @@ def _origin(url: httpx.URL) -> tuple[str, str, int]:
 def _check_id(value: str, what: str) -> None:
     """Refuse ids that are not FHIR ids (they would change the request path)."""
     if not isinstance(value, str) or not _FHIR_ID.fullmatch(value):
-        raise InputError(f"{what} is not a valid FHIR id (1-64 characters of A-Z, a-z, 0-9, '-', '.')")
+        raise InputError(f"{what} is not a valid FHIR id (1-256 characters of A-Z, a-z, 0-9, '-', '.')")
 
 
 def _check_type(resource_type: str) -> None:

@@ -38,14 +38,23 @@ DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
 class _EcgLike(Protocol):
-    signal: np.ndarray
-    fs: float
-    lead_names: tuple[str, ...]
+    """What the runtime reads of an ECG (:class:`cds_service.features.EcgRecord`)."""
+
+    @property
+    def signal(self) -> np.ndarray: ...
+    @property
+    def fs(self) -> float: ...
+    @property
+    def lead_names(self) -> Sequence[str]: ...
 
 
 class _InputsLike(Protocol):
-    ecg: _EcgLike
-    metadata: Mapping[str, float | None]
+    """What the runtime reads of one patient's inputs (:class:`cds_service.features.ModelInputs`)."""
+
+    @property
+    def ecg(self) -> _EcgLike: ...
+    @property
+    def metadata(self) -> Mapping[str, float | None]: ...
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ def render_metrics() -> tuple[bytes, str]:
     """The Prometheus exposition of every metric (all workers' when multiprocess mode is on)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        prom_multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
@@ -176,4 +176,4 @@ def render_metrics() -> tuple[bytes, str]:
 def mark_worker_dead(pid: int) -> None:
     """Tell the multiprocess collector that a gunicorn worker exited (its live gauges go away)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        prom_multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+        prom_multiprocess.mark_process_dead(pid)

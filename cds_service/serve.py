@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging(settings.log_level)
 
-    class _Server(BaseApplication):  # type: ignore[misc]
+    class _Server(BaseApplication):
         """gunicorn application that builds one Flask app per worker."""
 
         def load_config(self) -> None:

@@ -197,11 +197,24 @@ def test_invalid_ids_are_refused_before_any_request() -> None:
         raise AssertionError("no request expected")
 
     with _client(handler) as client:
-        for bad in ("../Observation", "a/b", "x" * 65, "", "id?x=1"):
+        for bad in ("../Observation", "a/b", "x" * 257, "", "id?x=1"):
             with pytest.raises(InputError):
                 client.read("Patient", bad)
         with pytest.raises(InputError):
             client.read("patient; DROP", "p1")
+
+
+def test_long_epic_style_ids_are_accepted() -> None:
+    """Epic ids exceed FHIR's 64 characters (cdshooks.md §0); up to 256 id characters pass."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        return httpx.Response(200, json={"resourceType": "Patient", "id": "e" * 100})
+
+    with _client(handler) as client:
+        client.read("Patient", "e" * 100)
+    assert seen and seen[0].endswith("/Patient/" + "e" * 100)
 
 
 def test_base_url_must_be_http() -> None:
