@@ -33,7 +33,7 @@ $(FHIR_VENV)/.installed:
 
 # The second FHIR test server (Medplum's FhirRouter on Node 22, both from npm). Optional: the
 # integration tests skip it when it is absent, so an npm failure does not fail the build.
-MEDPLUM := tools/fhir-medplum
+MEDPLUM := tests/medplum
 MEDPLUM_WRAPPER := $(wildcard ../shared/fhir-test-servers/medplum-server.mjs)
 
 $(MEDPLUM)/node_modules/.installed: $(MEDPLUM)/package.json

