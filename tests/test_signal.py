@@ -1,0 +1,179 @@
+"""``cds_service.signal``: one test per preprocessing rule of method §2.2 (and the brief's ECG conventions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cds_service.errors import InputError
+from cds_service.signal import (
+    MODEL_LEADS,
+    TARGET_FS,
+    EcgError,
+    canonical_lead,
+    prepare_ecg,
+    prepare_ecg_batch,
+)
+
+MIMIC_ORDER = ["I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6"]
+
+
+def constant_leads(names: list[str], fs: float = 100.0, seconds: float = 10.0) -> np.ndarray:
+    """(T, C) signal whose column c holds the constant 0.1·(model index of lead c + 1) mV."""
+    n = round(fs * seconds)
+    return np.stack(
+        [np.full(n, 0.1 * (MODEL_LEADS.index(canonical_lead(name) or "") + 1)) for name in names], axis=1
+    )
+
+
+def sine(fs: float, freq: float, seconds: float = 10.0, amplitude: float = 1.0) -> np.ndarray:
+    """(T, 12) signal: the same sine on every lead."""
+    t = np.arange(round(fs * seconds)) / fs
+    return np.repeat((amplitude * np.sin(2 * np.pi * freq * t))[:, None], 12, axis=1)
+
+
+def test_model_lead_order_and_rate() -> None:
+    """Brief: model order I, II, V1–V6, III, aVR, aVL, aVF at 100 Hz; output (1000, 12) float32."""
+    assert MODEL_LEADS == ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6", "III", "aVR", "aVL", "aVF")
+    out = prepare_ecg(constant_leads(MIMIC_ORDER), 100, MIMIC_ORDER)
+    assert TARGET_FS == 100 and out.shape == (1000, 12) and out.dtype == np.float32
+
+
+def test_leads_reordered_by_name_from_mimic_order() -> None:
+    """§2.2: columns are matched by lead name, so MIMIC's I, II, III, aVR, aVF, aVL, V1–V6 lands in model order."""
+    out = prepare_ecg(constant_leads(MIMIC_ORDER), 100, MIMIC_ORDER)
+    np.testing.assert_allclose(out[0], 0.1 * np.arange(1, 13), rtol=1e-6)
+    shuffled = list(reversed(MIMIC_ORDER))
+    np.testing.assert_array_equal(prepare_ecg(constant_leads(shuffled), 100, shuffled), out)
+
+
+def test_alias_lead_names_resolve() -> None:
+    """Lead names resolve case-, blank- and prefix-insensitively, plus caller-supplied aliases."""
+    assert canonical_lead("Lead II") == "II"
+    assert canonical_lead("MDC_ECG_LEAD_AVR") == "aVR"
+    assert canonical_lead("avl") == "aVL"
+    assert canonical_lead(" v1 ") == "V1"
+    assert canonical_lead("C1") is None
+    assert canonical_lead("C1", {"V1": ["C1"]}) == "V1"
+    assert canonical_lead("X") is None
+    names = ["Lead I", "lead ii", "c1", "C2", "C3", "C4", "C5", "C6", "III", "AVR", "AVL", "AVF", "X"]
+    aliases = {f"V{k}": [f"C{k}"] for k in range(1, 7)}
+    signal = np.stack([np.full(1000, 0.1 * (k + 1)) for k in range(13)], axis=1)
+    out = prepare_ecg(signal, 100, names, aliases)
+    np.testing.assert_allclose(out[0], 0.1 * np.arange(1, 13), rtol=1e-6)
+
+
+def test_missing_lead_error() -> None:
+    """A model lead absent from the input is rejected with reason missing_leads, naming it."""
+    names = [n for n in MIMIC_ORDER if n != "V4"] + ["X"]
+    with pytest.raises(EcgError, match="V4") as info:
+        prepare_ecg(constant_leads(MIMIC_ORDER), 100, names)
+    assert info.value.reason == "missing_leads"
+    assert isinstance(info.value, InputError)
+
+
+def test_duplicate_lead_error() -> None:
+    """Two inputs resolving to one model lead are ambiguous: reason duplicate_leads."""
+    names = [*MIMIC_ORDER, "lead I"]
+    signal = np.concatenate([constant_leads(MIMIC_ORDER), np.zeros((1000, 1))], axis=1)
+    with pytest.raises(EcgError) as info:
+        prepare_ecg(signal, 100, names)
+    assert info.value.reason == "duplicate_leads"
+
+
+def test_nan_interpolation() -> None:
+    """§2.2: missing samples are linearly interpolated per lead; the edges take the nearest valid sample."""
+    ramp = np.linspace(-1.0, 1.0, 1000)
+    signal = np.repeat(ramp[:, None], 12, axis=1)
+    signal[100:200, 0] = np.nan
+    signal[:10, 1] = np.nan
+    signal[990:, 2] = np.inf
+    out = prepare_ecg(signal, 100, MIMIC_ORDER)
+    np.testing.assert_allclose(out[:, 0], ramp, atol=1e-6)  # interior gap: the line is restored
+    np.testing.assert_allclose(out[:10, 1], ramp[10], atol=1e-6)
+    np.testing.assert_allclose(out[990:, MODEL_LEADS.index("III")], ramp[989], atol=1e-6)
+
+
+def test_all_nan_lead_error() -> None:
+    """A lead without a single finite sample cannot be interpolated: reason non_finite."""
+    signal = constant_leads(MIMIC_ORDER)
+    signal[:, MIMIC_ORDER.index("aVF")] = np.nan
+    with pytest.raises(EcgError, match="aVF") as info:
+        prepare_ecg(signal, 100, MIMIC_ORDER)
+    assert info.value.reason == "non_finite"
+
+
+def test_clip_to_3_mv() -> None:
+    """§2.2: amplitudes are clipped to ±3 mV (clip_amp=3)."""
+    signal = np.zeros((1000, 12))
+    signal[10, :] = 5.0
+    signal[20, :] = -7.5
+    signal[30, :] = 2.9
+    out = prepare_ecg(signal, 100, MIMIC_ORDER)
+    assert out[10].tolist() == [3.0] * 12 and out[20].tolist() == [-3.0] * 12
+    np.testing.assert_allclose(out[30], 2.9, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fs", [500.0, 250.0, 1000.0, 360.0])
+def test_resampling_sine_keeps_frequency_and_amplitude(fs: float) -> None:
+    """§2.2: resampling to 100 Hz keeps a 5 Hz, 1 mV sine's frequency and amplitude (500, 250, 1000, 360 Hz in)."""
+    out = prepare_ecg(sine(fs, 5.0), fs, MIMIC_ORDER)
+    t = np.arange(1000) / 100.0
+    ideal = np.sin(2 * np.pi * 5.0 * t)
+    np.testing.assert_allclose(
+        out[50:950, 0], ideal[50:950], atol=0.01
+    )  # away from the filter's edge transients
+    spectrum = np.abs(np.fft.rfft(out[:, 0]))
+    assert np.argmax(spectrum) * TARGET_FS / 1000 == 5.0
+    assert out[50:950, 0].max() == pytest.approx(1.0, abs=0.01)
+
+
+def test_crop_to_first_10_seconds() -> None:
+    """A recording longer than 10 s contributes its first 10 s."""
+    signal = np.repeat((np.arange(1500) / 1500.0)[:, None], 12, axis=1)
+    out = prepare_ecg(signal, 100, MIMIC_ORDER)
+    np.testing.assert_allclose(out[:, 0], np.arange(1000) / 1500.0, rtol=1e-6)
+
+
+def test_short_recording_edge_padded_to_10_seconds() -> None:
+    """Between 2.5 s and 10 s the recording is edge-padded to 10 s (its last sample repeated)."""
+    signal = np.repeat(np.linspace(0, 1, 500)[:, None], 12, axis=1)
+    out = prepare_ecg(signal, 100, MIMIC_ORDER)
+    np.testing.assert_allclose(out[:500, 0], np.linspace(0, 1, 500), rtol=1e-6)
+    assert (out[500:, 0] == out[499, 0]).all()
+    assert prepare_ecg(signal[:250], 100, MIMIC_ORDER).shape == (1000, 12)  # exactly 2.5 s is enough
+
+
+def test_too_short_error() -> None:
+    """Shorter than one 2.5 s model window is rejected: reason too_short."""
+    with pytest.raises(EcgError) as info:
+        prepare_ecg(sine(500.0, 5.0, seconds=2.4), 500.0, MIMIC_ORDER)
+    assert info.value.reason == "too_short"
+
+
+@pytest.mark.parametrize(
+    ("signal", "fs", "names", "reason"),
+    [
+        (np.zeros(1000), 100.0, MIMIC_ORDER, "bad_shape"),
+        (np.zeros((1000, 11)), 100.0, MIMIC_ORDER, "bad_shape"),
+        (np.zeros((0, 12)), 100.0, MIMIC_ORDER, "bad_shape"),
+        (np.zeros((1000, 12)), 0.0, MIMIC_ORDER, "bad_fs"),
+        (np.zeros((1000, 12)), float("nan"), MIMIC_ORDER, "bad_fs"),
+    ],
+)
+def test_malformed_input_errors(signal: np.ndarray, fs: float, names: list[str], reason: str) -> None:
+    """Wrong shape or sampling rate is reported with a named reason, never a numpy traceback."""
+    with pytest.raises(EcgError) as info:
+        prepare_ecg(signal, fs, names)
+    assert info.value.reason == reason
+
+
+def test_batch_path_identical_to_single() -> None:
+    """The batched 500 → 100 Hz path used by preprocess gives bit-identical output to prepare_ecg."""
+    rng = np.random.default_rng(0)
+    batch = rng.normal(scale=1.5, size=(5, 5000, 12))
+    batch[2, 100:140, 3] = np.nan
+    together = prepare_ecg_batch(batch, 500, MIMIC_ORDER)
+    singles = np.stack([prepare_ecg(record, 500, MIMIC_ORDER) for record in batch])
+    assert together.dtype == np.float32
+    np.testing.assert_array_equal(together, singles)
