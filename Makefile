@@ -74,6 +74,9 @@ soak: install
 bench: install
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+readme: $(VENV)/.installed
+	$(BIN)/python -m tests.test_readme --write
+
 format: $(VENV)/.installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
