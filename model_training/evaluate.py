@@ -1,0 +1,404 @@
+"""``ecglab evaluate``: test a training run as the paper does, plus calibration and thresholds.
+
+Usage::
+
+    ecglab evaluate --run RUN                                   # best checkpoint, 1000 bootstraps
+    ecglab evaluate --run RUN --data DATASET --checkpoint last --bootstrap 200 --threshold-rule sens:0.8
+
+For the validation fold (18) and the test fold (19) (method.md §3.5, §3.6):
+
+* per-target AUROC on the non-missing labels with a 95 % empirical bootstrap CI (1000 resamples
+  of whole ECGs; ``CI = point + percentile(boot - point, [2.5, 97.5])``), the positive and
+  negative counts, and the expected calibration error;
+* macro AUROC (undefined AUROC counted as 0.5) with CI per task (est, mon30, mon60, mon120), over
+  all targets, and per organ-system category (from ``fhir_mappings``); micro AUROC;
+* the paper's headline criterion per task: how many targets (and distinct labs) have
+  AUROC > 0.70 and a CI lower bound > 0.70.
+
+Beyond the paper: a decision threshold per target chosen on the validation fold
+(``youden`` by default, ``f1`` or ``sens:X``) with the sensitivity/specificity it gives on the
+test fold; the service flags a target when its probability reaches this threshold.
+
+Writes to RUN: ``metrics.json``, ``report.md`` + ``figures/*.png``, ``report.html``
+(self-contained), ``predictions_test.parquet`` and ``predictions_val.parquet`` (study_id + one
+probability column per target). Metadata is encoded with the medians stored in the checkpoint,
+never recomputed, exactly as the exported model will see it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from cds_service.errors import InputError
+from cds_service.manifest import MetadataSpec
+from model_training.config import EvalConfig, add_config_arguments, overrides_from_args, resolve, to_dict
+from model_training.data import (
+    EcgLabWindows,
+    LabDataset,
+    dataset_provenance,
+    encode_features,
+    open_dataset,
+    parse_target,
+)
+from model_training.metrics import (
+    BootstrapResult,
+    bootstrap_auroc,
+    choose_threshold,
+    expected_calibration_error,
+    group_columns,
+    sensitivity_specificity,
+)
+from model_training.model import FusionModel
+from model_training.reports import (
+    TASK_TITLES,
+    paper_comparison,
+    plot_auroc_bars,
+    plot_reliability,
+    plot_roc_curves,
+    write_html,
+    write_markdown,
+)
+from model_training.train import load_checkpoint, predict, resolve_device
+
+log = logging.getLogger(__name__)
+
+#: Decision threshold used when the validation fold has one class only for a target.
+FALLBACK_THRESHOLD = 0.5
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``ecglab evaluate``; every EvalConfig key is also a ``--key=value`` option."""
+    parser.add_argument("--run", type=Path, required=True, help="RUN directory written by 'ecglab train'")
+    parser.add_argument(
+        "--data", type=Path, help="DATASET directory (default: the one the run was trained on)"
+    )
+    parser.add_argument("--config", type=Path, help="YAML or JSON file of evaluation config keys")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda", "auto"), default="auto", help="where to run the model"
+    )
+    add_config_arguments(parser, EvalConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``ecglab evaluate``; returns the exit status."""
+    cfg = resolve(EvalConfig, args.config, overrides_from_args(args))
+    metrics = evaluate(args.run, cfg, data=args.data, device=resolve_device(args.device))
+    test = metrics["splits"]["test"]
+    summary = ", ".join(f"{task} {t['macro_auroc']:.3f}" for task, t in test["tasks"].items())
+    print(
+        f"ecglab evaluate: test macro AUROC {test['all']['macro_auroc']:.3f} ({summary}); "
+        f"reports in {args.run / 'report.html'}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Look-ups: organ system and planted targets
+# --------------------------------------------------------------------------------------------
+def lab_categories(labels: Sequence[str]) -> dict[str, str]:
+    """Organ-system category of each MIMIC lab label from ``fhir_mappings`` ('other' if unknown)."""
+    try:
+        from fhir_mappings import load_mappings
+    except ImportError:
+        log.warning("fhir_mappings.load_mappings is not available; every lab is categorised 'other'")
+        return dict.fromkeys(labels, "other")
+    mappings = load_mappings()
+    out: dict[str, str] = {}
+    for label in labels:
+        spec = mappings.lab_by_mimic_label(label)
+        out[label] = spec.category if spec is not None else "other"
+    return out
+
+
+def planted_targets(info: Mapping[str, Any]) -> tuple[list[str], str] | None:
+    """Targets the synthetic generator planted signal in, and where that list came from.
+
+    ``dataset.json`` of a synthetic DATASET carries ``generator: {ground_truth: PATH, ...}``
+    (written by ``ecglab preprocess`` when the source root has ``ground_truth.json``). A list
+    under ``generator.planted_targets`` is used directly; otherwise the ground-truth file is read.
+    Returns None for real data or when the file has gone.
+    """
+    generator = info.get("generator")
+    if not isinstance(generator, Mapping):
+        return None
+    if isinstance(generator.get("planted_targets"), list):
+        return [str(t) for t in generator["planted_targets"]], "dataset.json generator.planted_targets"
+    path = generator.get("ground_truth")
+    if not isinstance(path, str) or not Path(path).is_file():
+        log.warning(
+            "dataset.json names a synthetic generator but its ground_truth.json (%s) is not readable", path
+        )
+        return None
+    try:
+        truth = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: ground truth named by dataset.json is not readable JSON ({exc})") from exc
+    planted = truth.get("planted_targets")
+    if not isinstance(planted, list):
+        raise InputError(f"{path}: field 'planted_targets' is missing or not a list")
+    return [str(t) for t in planted], Path(path).name
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics of one split
+# --------------------------------------------------------------------------------------------
+def _num(value: float) -> float | None:
+    """NaN/None → None for JSON, else the float."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _macro_entry(result: BootstrapResult, columns: Sequence[int], confidence: float) -> dict[str, Any]:
+    """Macro AUROC (NaN counted 0.5) with CI over ``columns``, as a JSON-able dict."""
+    point, low, high = result.macro(columns, confidence)
+    return {"macro_auroc": _num(point), "ci_low": _num(low), "ci_high": _num(high), "n_targets": len(columns)}
+
+
+def split_metrics(
+    split: str,
+    y: np.ndarray,
+    probs: np.ndarray,
+    targets: Sequence[str],
+    categories: Mapping[str, str],
+    thresholds: Mapping[str, float],
+    cfg: EvalConfig,
+) -> tuple[dict[str, Any], BootstrapResult]:
+    """All numbers of one split: per target, per task, per category, micro and headline counts."""
+    result = bootstrap_auroc(y, probs, n_boot=cfg.bootstrap, seed=cfg.seed)
+    lows, highs = result.target_ci(cfg.confidence)
+    per_target: dict[str, dict[str, Any]] = {}
+    for j, target in enumerate(targets):
+        name = parse_target(target)
+        column = y[:, j]
+        sens, spec = sensitivity_specificity(column, probs[:, j], thresholds[target])
+        per_target[target] = {
+            "auroc": _num(result.point[j]),
+            "ci_low": _num(lows[j]),
+            "ci_high": _num(highs[j]),
+            "n_pos": int(np.nansum(column == 1.0)),
+            "n_neg": int(np.nansum(column == 0.0)),
+            "task": name.task,
+            "label": name.label,
+            "direction": name.direction,
+            "category": categories.get(name.label, "other"),
+            "split": split,
+            "ece": _num(expected_calibration_error(column, probs[:, j], cfg.ece_bins)),
+            "decision_threshold": float(thresholds[target]),
+            "sensitivity": _num(sens),
+            "specificity": _num(spec),
+        }
+    thr = cfg.headline_auroc
+
+    def headline(columns: Sequence[int]) -> dict[str, Any]:
+        """The paper's criterion over ``columns``: AUROC > thr, and CI lower bound > thr too."""
+        entries = [per_target[targets[j]] for j in columns]
+        above = [e for e in entries if e["auroc"] is not None and e["auroc"] > thr]
+        significant = [e for e in above if e["ci_low"] is not None and e["ci_low"] > thr]
+        return {
+            "n_above": len(above),
+            "n_significant": len(significant),
+            "n_labs_significant": len({e["label"] for e in significant}),
+            "significant_targets": [f"{e['label']}_{e['direction']}_{e['task']}" for e in significant],
+        }
+
+    tasks = group_columns(targets, {t: parse_target(t).task for t in targets})
+    cats = group_columns(targets, {t: categories.get(parse_target(t).label, "other") for t in targets})
+    all_cols = list(range(len(targets)))
+    micro, micro_low, micro_high = result.micro(cfg.confidence)
+    metrics = {
+        "n_records": len(y),
+        "targets": per_target,
+        "tasks": {
+            task: {**_macro_entry(result, cols, cfg.confidence), **headline(cols)}
+            for task, cols in sorted(tasks.items(), key=lambda kv: list(TASK_TITLES).index(kv[0]))
+        },
+        "categories": {c: _macro_entry(result, cols, cfg.confidence) for c, cols in sorted(cats.items())},
+        "all": {**_macro_entry(result, all_cols, cfg.confidence), **headline(all_cols)},
+        "micro": {"auroc": _num(micro), "ci_low": _num(micro_low), "ci_high": _num(micro_high)},
+    }
+    return metrics, result
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+def _load_model(ckpt: Mapping[str, Any], device: torch.device) -> FusionModel:
+    """Rebuild the model from the checkpoint's model_args and load its weights (eval mode)."""
+    model = FusionModel.from_args(ckpt["model_args"])
+    model.load_state_dict(ckpt["model_state"])
+    return model.to(device).eval()
+
+
+def _split_predictions(
+    model: FusionModel,
+    dataset: LabDataset,
+    rows: np.ndarray,
+    cat: np.ndarray,
+    cont: np.ndarray,
+    window: int,
+    cfg: EvalConfig,
+    device: torch.device,
+) -> np.ndarray:
+    """Window-averaged probabilities (n, K) of one split's records, in row order."""
+    ds = EcgLabWindows(dataset.ecg, rows, cat, cont, dataset.labels, window, train=False)
+    loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=False)
+    got_rows, probs = predict(model, loader, device, window)
+    assert np.array_equal(got_rows, rows), "prediction order must follow the split's rows"
+    return probs
+
+
+def evaluate(
+    run_dir: Path, cfg: EvalConfig, data: Path | None = None, device: torch.device | None = None
+) -> dict[str, Any]:
+    """Evaluate ``run_dir``'s checkpoint on the val and test folds; write every output; return metrics."""
+    started = time.time()
+    device = device or torch.device("cpu")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    ckpt = load_checkpoint(run_dir / f"checkpoint_{cfg.checkpoint}.pt")
+    train_cfg = ckpt["config"]
+    targets: list[str] = list(ckpt["labels"])
+    data_path = Path(data) if data is not None else Path(ckpt["provenance"]["path"])
+    dataset = open_dataset(data_path, targets=targets)
+    provenance = dataset_provenance(dataset)
+    saved_hashes = {k: v.get("digest") for k, v in ckpt["provenance"].get("hashes", {}).items()}
+    differs = any(provenance["hashes"].get(k, {}).get("digest") != v for k, v in saved_hashes.items())
+    if differs:
+        log.warning("evaluating on %s, which differs from the DATASET the run was trained on", data_path)
+
+    spec = MetadataSpec.model_validate(ckpt["features"]["metadata_spec"])
+    cat, cont = encode_features(dataset.metadata, spec)
+    model = _load_model(ckpt, device)
+    window = int(ckpt["ecg"]["window"])
+    folds = {"val": int(train_cfg["val_fold"]), "test": int(train_cfg["test_fold"])}
+    rows = {split: dataset.rows_in([fold]) for split, fold in folds.items()}
+    for split, split_rows in rows.items():
+        if len(split_rows) == 0:
+            raise InputError(f"{data_path / 'records.parquet'}: no record in the {split} fold {folds[split]}")
+    probs = {
+        split: _split_predictions(model, dataset, r, cat, cont, window, cfg, device)
+        for split, r in rows.items()
+    }
+    ys = {split: dataset.labels[r] for split, r in rows.items()}
+
+    thresholds: dict[str, float] = {}
+    threshold_source: dict[str, str] = {}
+    for j, target in enumerate(targets):
+        t = choose_threshold(ys["val"][:, j], probs["val"][:, j], cfg.threshold_rule)
+        thresholds[target] = FALLBACK_THRESHOLD if not math.isfinite(t) else min(1.0, max(0.0, t))
+        threshold_source[target] = (
+            cfg.threshold_rule if math.isfinite(t) else "fallback: one class in val fold"
+        )
+
+    categories = lab_categories(sorted({parse_target(t).label for t in targets}))
+    splits: dict[str, Any] = {}
+    results: dict[str, BootstrapResult] = {}
+    for split in ("val", "test"):
+        splits[split], results[split] = split_metrics(
+            split, ys[split], probs[split], targets, categories, thresholds, cfg
+        )
+        splits[split]["fold"] = folds[split]
+        for target in targets:
+            splits[split]["targets"][target]["threshold_source"] = threshold_source[target]
+
+    planted = planted_targets(dataset.info)
+    metrics: dict[str, Any] = {
+        "format": "ecglab-metrics",
+        "run": str(run_dir),
+        "checkpoint": cfg.checkpoint,
+        "epoch": int(ckpt["epoch"]),
+        "eval_config": to_dict(cfg),
+        "bootstrap": cfg.bootstrap,
+        "seed": cfg.seed,
+        "confidence": cfg.confidence,
+        "threshold_rule": cfg.threshold_rule,
+        "headline_auroc": cfg.headline_auroc,
+        "n_windows": int(ckpt["ecg"]["n_windows"]),
+        "data": {
+            "path": str(data_path),
+            "differs_from_training": differs,
+            "trained_on_synthetic": isinstance(
+                ckpt["provenance"].get("dataset_json", {}).get("generator"), Mapping
+            ),
+        },
+        "splits": splits,
+    }
+    if planted is not None:
+        names, source = planted
+        is_planted = {t: t in set(names) for t in targets}
+        groups = group_columns(
+            targets, {t: "planted" if is_planted[t] else "not planted (noise)" for t in targets}
+        )
+        metrics["planted"] = {
+            "source": source,
+            "targets": [t for t in targets if is_planted[t]],
+            "groups": {g: _macro_entry(results["test"], cols, cfg.confidence) for g, cols in groups.items()},
+            "per_target": {t: splits["test"]["targets"][t]["auroc"] for t in targets if is_planted[t]},
+        }
+    metrics["paper_comparison"] = paper_comparison(metrics)
+
+    for split in ("val", "test"):
+        frame = pd.DataFrame(probs[split].astype(np.float32), columns=targets)
+        frame.insert(0, "study_id", dataset.records["study_id"].to_numpy()[rows[split]])
+        frame.to_parquet(run_dir / f"predictions_{split}.parquet", index=False)
+
+    figures = _write_figures(run_dir, ys["test"], probs["test"], targets, splits["test"], cfg)
+    metrics["seconds"] = round(time.time() - started, 2)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    write_markdown(metrics, figures, run_dir / "report.md")
+    write_html(metrics, figures, run_dir / "report.html")
+    return metrics
+
+
+def _write_figures(
+    run_dir: Path,
+    y: np.ndarray,
+    probs: np.ndarray,
+    targets: Sequence[str],
+    test: Mapping[str, Any],
+    cfg: EvalConfig,
+) -> dict[str, Path]:
+    """ROC curves, AUROC bars with CIs and reliability diagrams per task (test fold)."""
+    fig_dir = run_dir / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    figures: dict[str, Path] = {}
+    per_target = test["targets"]
+    aurocs = {
+        t: (per_target[t]["auroc"] if per_target[t]["auroc"] is not None else math.nan) for t in targets
+    }
+    eces = {t: (per_target[t]["ece"] if per_target[t]["ece"] is not None else math.nan) for t in targets}
+    path = fig_dir / "auroc_bars.png"
+    plot_auroc_bars(
+        [{"target": t, **per_target[t]} for t in targets], "Test AUROC per target", path, cfg.headline_auroc
+    )
+    figures["AUROC per target with 95% bootstrap CI (test)"] = path
+    for task, cols in group_columns(targets, {t: parse_target(t).task for t in targets}).items():
+        names = [targets[j] for j in cols]
+        path = fig_dir / f"roc_{task}.png"
+        plot_roc_curves(y[:, cols], probs[:, cols], names, aurocs, f"ROC, {TASK_TITLES[task]} (test)", path)
+        figures[f"ROC curves, {TASK_TITLES[task]} (test)"] = path
+        path = fig_dir / f"reliability_{task}.png"
+        plot_reliability(
+            y[:, cols],
+            probs[:, cols],
+            names,
+            eces,
+            f"Reliability, {TASK_TITLES[task]} (test)",
+            path,
+            n_bins=cfg.ece_bins,
+        )
+        figures[f"Reliability, {TASK_TITLES[task]} (test)"] = path
+    return figures
