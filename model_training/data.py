@@ -41,43 +41,24 @@ from cds_service.errors import InputError
 from cds_service.inference import encode_metadata
 from cds_service.manifest import CategoricalFeature, MetadataSpec
 from cds_service.signal import MODEL_LEADS
+from fhir_mappings import load_mappings
 
 log = logging.getLogger(__name__)
 
 TASKS: tuple[str, ...] = ("est", "mon30", "mon60", "mon120")
 TARGET_PATTERN = re.compile(r"^(?P<label>.+)_(?P<direction>low|high)_(?P<task>est|mon30|mon60|mon120)$")
 
+# The feature lists come from the one contract both sides read (fhir_mappings/features.yaml), so
+# training cannot drift from what the service extracts.
+_MAPPINGS = load_mappings()
 #: Categorical features and their code order (brief, "Metadata features").
 CATEGORICAL: dict[str, tuple[str, ...]] = {
-    "sex": ("female", "male"),
-    "race": ("asian", "black", "hispanic", "other", "white"),
+    f.key: tuple(f.categories or ()) for f in _MAPPINGS.features if f.kind == "categorical"
 }
 #: Continuous features in model order.
-CONTINUOUS: tuple[str, ...] = (
-    "age",
-    "temperature",
-    "heart_rate",
-    "resp_rate",
-    "spo2",
-    "sbp",
-    "dbp",
-    "bmi",
-    "weight",
-    "height",
-)
+CONTINUOUS: tuple[str, ...] = tuple(_MAPPINGS.continuous_keys)
 #: Features with a missingness indicator, in model order (appended after the continuous block).
-MISSING_INDICATORS: tuple[str, ...] = (
-    "race",
-    "temperature",
-    "heart_rate",
-    "resp_rate",
-    "spo2",
-    "sbp",
-    "dbp",
-    "bmi",
-    "weight",
-    "height",
-)
+MISSING_INDICATORS: tuple[str, ...] = tuple(_MAPPINGS.missing_indicator_keys)
 
 RECORD_COLUMNS = ("study_id", "subject_id", "ecg_time", "strat_fold")
 REQUIRED_FILES = ("records.parquet", "ecg.npy", "labels.parquet", "metadata.parquet")

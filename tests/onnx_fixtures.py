@@ -18,31 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cds_service.manifest import sha256_file
 from cds_service.signal import MODEL_LEADS
+from fhir_mappings import load_mappings
 
-CONTINUOUS = [
-    "age",
-    "temperature",
-    "heart_rate",
-    "resp_rate",
-    "spo2",
-    "sbp",
-    "dbp",
-    "bmi",
-    "weight",
-    "height",
-]
-INDICATORS = [
-    "race",
-    "temperature",
-    "heart_rate",
-    "resp_rate",
-    "spo2",
-    "sbp",
-    "dbp",
-    "bmi",
-    "weight",
-    "height",
-]
+CONTINUOUS = list(load_mappings().continuous_keys)
+INDICATORS = list(load_mappings().missing_indicator_keys)
 MEDIANS = {
     "sex": 1.0, "race": 4.0, "age": 60.0, "temperature": 98.1, "heart_rate": 84.0, "resp_rate": 18.0,
     "spo2": 98.0, "sbp": 132.0, "dbp": 76.0, "bmi": 27.5, "weight": 80.0, "height": 170.0,

@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from model_training.data import CONTINUOUS, MISSING_INDICATORS
 from model_training.model import (
     FusionModel,
     ModelConfig,
@@ -35,22 +36,8 @@ from model_training.s4_export import (
     random_inputs,
 )
 
-CONT_10 = ["age", "temperature", "heart_rate", "resp_rate", "spo2", "sbp", "dbp", "bmi", "weight", "height"]
-CONT_20 = CONT_10 + [
-    f"{k}_missing"
-    for k in (
-        "race",
-        "temperature",
-        "heart_rate",
-        "resp_rate",
-        "spo2",
-        "sbp",
-        "dbp",
-        "bmi",
-        "weight",
-        "height",
-    )
-]
+CONT_10 = list(CONTINUOUS)
+CONT_20 = CONT_10 + [f"{k}_missing" for k in MISSING_INDICATORS]
 LABELS = [f"Lab{i}_{d}_{t}" for i in range(3) for d in ("low", "high") for t in ("est", "mon30")]
 SMALL = ModelConfig(d_model=16, n_layers=2, window=60, chunk=10)
 
