@@ -1,0 +1,245 @@
+"""CDS Hooks benchmark: patient-view latency with prefetch and with FHIR fetching, next to bare inference.
+
+Run: ``.venv/bin/python benchmarks/hooks.py [--model DIR] [--quick] [--calls N] [--patients N]``.
+
+Setup: a throw-away sekmet FHIR R4 server (``.venv-fhir/bin/sekmet``, in-memory, on a free
+loopback port) is seeded with ``--patients`` demo patients by the code behind ``ecglab seed-fhir``
+(``cds_service.seed`` on a small generated MIMIC-layout set), the service app is built in process
+(``create_app``, auth off, ``ECGLAB_DEV_FHIR_SERVERS`` = that server, SQLite in a temporary
+folder, the budget raised to 60 s so a slow call is measured rather than cut off) around the real
+``ModelRuntime`` on the CPU provider. The model is ``--model``, else the bundled one, else a random
+paper-size export (``--quick``: a tiny one); the ``model`` line says which. Only patients whose ECG
+travels inside its resource are used (a ``Binary`` would need a FHIR read in the prefetch case).
+
+Each round calls, for the next patient in turn, after a short sleep each (``_common.timed_rounds``):
+
+* ``prefetch``: ``POST /cds-services/ecglab-patient-view`` through Flask's test client with every
+  prefetch key filled, as an EHR would send it (read from the server with the service's own
+  prefetch templates), and no ``fhirServer``: parse, decode the ECG, extract features, infer,
+  build cards, record them;
+* ``fhir fetch``: the same hook with ``fhirServer`` + ``fhirAuthorization`` and no prefetch, so
+  the service queries sekmet (in parallel) before doing the same work;
+* ``bare``: ``runtime.predict`` on that patient's extracted inputs.
+
+Every hook call must answer 200 and run the model exactly once, else the benchmark stops. Prints
+``hook_prefetch_ms_p50``/``_p95``, ``hook_fhir_fetch_ms_p50``/``_p95``,
+``bare_inference_ms_p50``/``_p95`` and ``hook_calls`` (timed calls per figure). The sekmet process
+is stopped at the end, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from itertools import cycle, islice
+from pathlib import Path
+from typing import Any
+
+import httpx
+from _common import cpu_threads, percentiles_ms, report, resolve_model, sekmet_server, timed_rounds
+
+from cds_service.inference import ModelRuntime
+from fhir_mappings import load_mappings
+
+SERVICE_PATH = "/cds-services/ecglab-patient-view"
+FHIR_TOKEN = "benchmark-token"
+
+
+def demo_subjects(patients: int, scratch: Path) -> list[Any]:
+    """``patients`` demo subjects from a small generated MIMIC-layout set, as ``ecglab seed-fhir`` picks them."""
+    from cds_service.seed import read_subjects
+    from model_training.synthetic import MIN_SUBJECTS, generate
+
+    source = scratch / "synth"
+    generate(source, max(2 * patients, MIN_SUBJECTS), 0, workers=1)
+    return read_subjects(source, patients, 0, load_mappings())
+
+
+def seed_patients(base_url: str, subjects: list[Any]) -> list[str]:
+    """Write ``subjects`` to the server as ``ecglab seed-fhir`` does; ids of those with an inline ECG."""
+    from cds_service.seed import seed
+
+    rows = seed(base_url, subjects, load_mappings())
+    return [row["patient"] for row in rows if "via Binary" not in row["ecg"]]
+
+
+def read_prefetch(client: httpx.Client, base_url: str, patient_id: str, queries: Any) -> dict[str, Any]:
+    """The prefetch an EHR would send for ``patient_id``: each template's query run on the server."""
+    prefetch: dict[str, Any] = {}
+    for query in queries:
+        if query.read:
+            response = client.get(f"{base_url}/{query.resource_type}/{patient_id}")
+        else:
+            response = client.get(f"{base_url}/{query.resource_type}", params=query.bind(patient_id))
+        response.raise_for_status()
+        prefetch[query.key] = response.json()
+    return prefetch
+
+
+def extracted_inputs(prefetch: dict[str, Any], queries: Any) -> Any:
+    """The model inputs the service extracts from ``prefetch`` (for the bare inference figure)."""
+    from cds_service.features import extract_model_inputs
+    from cds_service.prefetch import assemble, decode_prefetch
+
+    decoded = decode_prefetch(prefetch, queries)
+    if decoded.missing:
+        raise RuntimeError(f"prefetch lacks {decoded.missing}")
+    return extract_model_inputs(
+        assemble(decoded.resources, queries), mappings=load_mappings(), now=datetime.now(UTC)
+    )
+
+
+def hook_body(
+    patient_id: str, *, prefetch: dict[str, Any] | None = None, fhir: str | None = None
+) -> dict[str, Any]:
+    """A patient-view request: with ``prefetch``, or with ``fhirServer`` + ``fhirAuthorization``."""
+    body: dict[str, Any] = {
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid4()),
+        "context": {"userId": "Practitioner/benchmark", "patientId": patient_id},
+    }
+    if prefetch is not None:
+        body["prefetch"] = prefetch
+    if fhir is not None:
+        body["fhirServer"] = fhir
+        body["fhirAuthorization"] = {
+            "access_token": FHIR_TOKEN,
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "user/Patient.read user/Observation.read",
+            "subject": "ecglab",
+        }
+    return body
+
+
+class HookCaller:
+    """Posts pre-encoded hook requests in turn; keeps each answer to be checked after the timing.
+
+    Bodies are JSON-encoded before the clock starts (a client's encoding is not service time), one
+    per call so every request has its own ``hookInstance``.
+    """
+
+    def __init__(self, client: Any, runtime: ModelRuntime, bodies: Iterator[bytes]) -> None:
+        self.client, self.runtime, self.bodies = client, runtime, bodies
+        self.answers: list[tuple[int, bytes, int]] = []  # status, body, model runs during the call
+
+    def __call__(self) -> None:
+        """One hook call (the timed part)."""
+        before = self.runtime.calls
+        response = self.client.post(SERVICE_PATH, data=next(self.bodies), content_type="application/json")
+        self.answers.append((response.status_code, response.get_data(), self.runtime.calls - before))
+
+    def check(self) -> None:
+        """Raise unless every call answered 200 with a ``cards`` list and ran the model exactly once."""
+        for status, body, runs in self.answers:
+            if status != 200 or not isinstance(json.loads(body or b"{}").get("cards"), list):
+                raise RuntimeError(f"hook call answered {status}: {body[:300]!r}")
+            if runs != 1:
+                raise RuntimeError(f"hook call ran the model {runs} times (no usable ECG?)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse options, set up server, data and app, time the calls and print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", type=Path, default=None, help="model folder (default: bundled, else random)"
+    )
+    parser.add_argument("--quick", action="store_true", help="a few calls and a tiny model (smoke test)")
+    parser.add_argument(
+        "--calls", type=int, default=None, help="timed calls per figure (default 40; --quick 3)"
+    )
+    parser.add_argument(
+        "--patients", type=int, default=None, help="demo patients to seed (default 5; --quick 3)"
+    )
+    parser.add_argument("--threads", type=int, default=cpu_threads(), help="ONNX Runtime intra-op threads")
+    args = parser.parse_args(argv)
+    calls = args.calls or (3 if args.quick else 40)
+    patients = args.patients or (3 if args.quick else 5)
+    if not 1 <= calls <= 10_000 or not 1 <= patients <= 50:
+        parser.error("--calls must be in 1..10000 and --patients in 1..50")
+    # The app logs a loud banner when auth is off, and one line per call; the figures are the output.
+    logging.getLogger("cds_service").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="ecglab-bench-") as tmp:
+        scratch = Path(tmp)
+        model = resolve_model(args.model, args.quick, scratch)
+        report("model", model.description)
+        runtime = ModelRuntime.load(model.directory, ["CPUExecutionProvider"], intra_op_threads=args.threads)
+        with sekmet_server(scratch) as server:
+            subjects = demo_subjects(patients, scratch)  # while the server boots
+            server.wait_ready()
+            times = run_calls(
+                runtime, server.base_url, seed_patients(server.base_url, subjects), calls, scratch
+            )
+    for name, key in (("hook_prefetch", "prefetch"), ("hook_fhir_fetch", "fhir"), ("bare_inference", "bare")):
+        p50, p95 = percentiles_ms(times[key])
+        report(f"{name}_ms_p50", p50)
+        report(f"{name}_ms_p95", p95)
+    report("hook_calls", calls)
+    return 0
+
+
+def run_calls(
+    runtime: ModelRuntime, base_url: str, ids: list[str], calls: int, scratch: Path
+) -> dict[str, list[float]]:
+    """Build the app and time ``calls`` rounds of the three calls on patients ``ids`` (module docstring)."""
+    from cds_service.app import create_app
+    from cds_service.prefetch import build_queries
+
+    if not ids:
+        raise RuntimeError("no seeded patient has an ECG inside its resource; seed more patients")
+    queries = build_queries(load_mappings())
+    with httpx.Client(headers={"Accept": "application/fhir+json"}, timeout=30.0) as fhir:
+        prefetches = {pid: read_prefetch(fhir, base_url, pid, queries) for pid in ids}
+    inputs = {pid: extracted_inputs(prefetches[pid], queries) for pid in ids}
+    settings = {
+        "auth": False,
+        "issuers": "",
+        "dev_fhir_servers": base_url,
+        "database_url": f"sqlite:///{scratch / 'service.sqlite3'}",
+        "budget_ms": 60_000,
+        "fhir_timeout_ms": 30_000,
+    }
+    app = create_app(settings, runtime=runtime)
+    state = app.extensions["ecglab"]
+    warmup = min(len(ids), 2)
+    total = warmup + calls
+    try:
+        client = app.test_client()
+        with_prefetch = HookCaller(
+            client,
+            runtime,
+            iter(
+                [
+                    json.dumps(hook_body(pid, prefetch=prefetches[pid])).encode()
+                    for pid in islice(cycle(ids), total)
+                ]
+            ),
+        )
+        with_fetch = HookCaller(
+            client,
+            runtime,
+            iter([json.dumps(hook_body(pid, fhir=base_url)).encode() for pid in islice(cycle(ids), total)]),
+        )
+        bare = cycle([inputs[pid] for pid in ids])
+        times = timed_rounds(
+            {"prefetch": with_prefetch, "fhir": with_fetch, "bare": lambda: runtime.predict(next(bare))},
+            calls,
+            warmup=warmup,
+        )
+        with_prefetch.check()
+        with_fetch.check()
+        return times
+    finally:
+        state.pipeline.deps.executor.shutdown(wait=False, cancel_futures=True)
+        state.pipeline.deps.fhir_executor.shutdown(wait=False, cancel_futures=True)
+        state.engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
