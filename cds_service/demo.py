@@ -178,10 +178,12 @@ def _start_fhir(demo: Demo, sekmet: Path) -> None:
     with _step(f"Starting the FHIR R4 server (sekmet-fhir) on {demo.fhir_base}"):
         if _get(f"{demo.fhir_base}/metadata") == 200:
             return  # one is already running on that port (e.g. a second demo): reuse it
-        if not sekmet.exists():
+        found = sekmet if sekmet.exists() else (Path(p) if (p := shutil.which("sekmet")) else None)
+        if found is None:
             raise DemoError(
                 f"{sekmet} is missing. Run 'make demo' (it creates .venv-fhir) or 'make install'."
             )
+        sekmet = found.resolve()  # the server runs with the state folder as its working directory
         data_dir = demo.root / "fhir-data"
         data_dir.mkdir(exist_ok=True)
         settings = demo.root / "fhir-settings.yaml"

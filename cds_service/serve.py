@@ -11,7 +11,8 @@ Startup order, so that a misconfiguration stops the service with one line naming
 
 1. read and validate every setting and the issuers file in the master process;
 2. create the database tables once (workers would otherwise race to create them);
-3. check that the newest model manifest and its ONNX file are intact;
+3. check that the newest model manifest and its ONNX file are intact, that the model was built
+   against this ``fhir_mappings`` version, and that ONNX Runtime opens it;
 4. point ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder so ``/metrics`` aggregates all workers,
    configure logging, and start gunicorn (``gthread`` workers). Each worker then builds its own
    app with :func:`cds_service.app.create_app` (the ONNX session is opened after the fork).
@@ -70,7 +71,6 @@ def preflight(settings: Settings) -> str:
     """Validate everything a worker will need; returns the manifest version. Raises ConfigError."""
     from cds_service.db import init_db, make_engine
     from cds_service.issuers import load_issuers
-    from cds_service.manifest import find_manifest, load_manifest
 
     if settings.issuers is not None:
         load_issuers(settings.issuers)
@@ -83,8 +83,23 @@ def preflight(settings: Settings) -> str:
         raise ConfigError(f"ECGLAB_DATABASE_URL: cannot open the database ({type(exc).__name__})") from None
     finally:
         engine.dispose()
-    manifest = load_manifest(find_manifest(settings.model_dir), verify_file=True)
-    return manifest.version
+    # Everything a worker's create_app will check, so a bad model stops the master with one line
+    # instead of a crash loop of workers: the manifest and the ONNX file's SHA-256, the mapping
+    # version the model was built against, and that ONNX Runtime can open the graph and its inputs
+    # match the manifest. This runs in a spawned child process: ONNX Runtime starts process-wide
+    # threads when it opens a session, and a gunicorn master that had done so would fork workers
+    # holding a half-copied runtime (they abort with "std::system_error: No such process" on exit).
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return str(pool.apply(_model_version, (str(settings.model_dir),)))
+
+
+def _model_version(model_dir: str) -> str:
+    """Load the model on the CPU provider (in a child process) and return its version."""
+    from cds_service.inference import ModelRuntime
+
+    return ModelRuntime.load(Path(model_dir), ["CPUExecutionProvider"]).version
 
 
 def _metrics_dir(settings: Settings) -> Path:
