@@ -71,6 +71,10 @@ CDS_PREFIX = "/cds-services"
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 ALLOWED_HEADERS = "Authorization, Content-Type, Accept"
 DISCOVERY_EXTENSION = "org.ecglab.service"
+#: Deepest JSON nesting accepted in a request body. A prefetched FHIR resource nests about a dozen
+#: levels; thousands of levels make the JSON parser (and any recursive reader) hit Python's
+#: recursion limit, which must be a 400, not a 500.
+MAX_JSON_DEPTH = 100
 
 
 @dataclass
@@ -228,6 +232,36 @@ def _unauthorized() -> Response:
     return response
 
 
+def _nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests objects/arrays more than ``limit`` levels (checked iteratively)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _json_body() -> tuple[Any, str | None]:
+    """The request body parsed as JSON, or ``(None, why not)``: not JSON, or nested too deeply."""
+    try:
+        body = request.get_json(force=True, silent=True)
+    except RecursionError:  # only ValueError is silenced; a deeply nested body exhausts the parser's stack
+        return None, f"Request body nests deeper than {MAX_JSON_DEPTH} levels"
+    if body is None:
+        return None, "Request body is not JSON"
+    if _nesting_exceeds(body, MAX_JSON_DEPTH):
+        return None, f"Request body nests deeper than {MAX_JSON_DEPTH} levels"
+    return body, None
+
+
 def _endpoint_kind(path: str) -> str:
     """The metrics label for a path: discovery, service, feedback, healthz, metrics or other."""
     if path == CDS_PREFIX or path == CDS_PREFIX + "/":
@@ -320,15 +354,15 @@ def _register(app: Flask, state: ServiceState) -> None:
         service = SERVICES.get(service_id)
         if service is None:
             return _outcome_response(404, f"No CDS service with id {log_safe(service_id)}", code="not-found")
-        body = request.get_json(force=True, silent=True)
+        body, problem = _json_body()
         hook_instance = body.get("hookInstance") if isinstance(body, dict) else None
         log_context = bind_request(service.id, hook_instance if isinstance(hook_instance, str) else "-")
         try:
             started = time.perf_counter()
-            if body is None:
+            if problem is not None:
                 result_status, payload, outcome = (
                     400,
-                    operation_outcome("Request body is not JSON", code="invalid"),
+                    operation_outcome(problem, code="invalid"),
                     "bad_request",
                 )
             else:
@@ -361,7 +395,10 @@ def _register(app: Flask, state: ServiceState) -> None:
         caller = authenticate()
         if service_id not in SERVICES:
             return _outcome_response(404, f"No CDS service with id {log_safe(service_id)}", code="not-found")
-        body = request.get_json(force=True, silent=True)
+        body, problem = _json_body()
+        if problem is not None:
+            log.info("feedback rejected: %s", problem)
+            return _outcome_response(400, problem, code="invalid")
         try:
             items = parse_feedback(body)
         except FeedbackError as exc:

@@ -142,8 +142,15 @@ def _resource_codes(resource: Mapping[str, Any]) -> list[tuple[str, str]]:
     out = []
     for coding in codings:
         if isinstance(coding, dict) and isinstance(coding.get("code"), str):
-            out.append((_norm_system(coding.get("system")), coding["code"]))
+            system = coding.get("system")
+            out.append((_norm_system(system if isinstance(system, str) else None), coding["code"]))
     return out
+
+
+def _status(resource: Mapping[str, Any]) -> str | None:
+    """A resource's ``status`` when it is a string (EHR data may put anything there), else ``None``."""
+    status = resource.get("status")
+    return status if isinstance(status, str) else None
 
 
 def _matches(resource: Mapping[str, Any], wanted: set[tuple[str, str]]) -> bool:
@@ -205,13 +212,13 @@ def redundancy(
         if order.get("resourceType") == "ServiceRequest" and _matches(order, codes):
             return "draft"
     for order in service_requests:
-        if order.get("status") in ORDER_STATUSES and _matches(order, codes):
+        if _status(order) in ORDER_STATUSES and _matches(order, codes):
             return "ordered"
     if recent_min > 0:
         since = now - timedelta(minutes=recent_min)
         result_codes = _code_keys(lab.result_codes)
         for result in lab_results:
-            if result.get("status") in IGNORED_RESULT_STATUSES or not _matches(result, result_codes):
+            if _status(result) in IGNORED_RESULT_STATUSES or not _matches(result, result_codes):
                 continue
             taken = result_time(result)
             if taken is not None and taken >= since:

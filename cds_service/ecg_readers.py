@@ -49,6 +49,13 @@ MAX_MISSING_FRACTION: float = 0.2
 Interpolating across a few dropped samples is harmless; interpolating over a fifth of the strip
 would hand the model invented signal."""
 
+MIN_FS_HZ: float = 50.0
+MAX_FS_HZ: float = 20_000.0
+"""Accepted sampling rates (``bad_fs`` outside). ECG recorders sample at 100 Hz to about 16 kHz.
+A rate outside is a wrong ``period``/header, and resampling it to 100 Hz is not harmless: the
+upsampling factor is 100 / fs, so a 2.5 s strip declared at 0.001 Hz would be stretched into a
+multi-gigabyte array. At 50 Hz or more the resampled signal is at most twice the input."""
+
 VOLT_FACTORS: dict[str, float] = {"V": 1000.0, "mV": 1.0, "uV": 1e-3, "nV": 1e-6}
 """Default unit → factor to mV (UCUM codes); the service passes ``fhir_mappings``' amplitude units."""
 
@@ -122,6 +129,10 @@ def _waveform(columns: Sequence[npt.ArrayLike], fs: float, names: Sequence[str])
         raise EcgRejected("wrong_length", f"ECG leads differ in length: {sorted(lengths)} samples")
     if not math.isfinite(fs) or fs <= 0:
         raise EcgRejected("bad_fs", f"ECG sampling rate must be positive, got {fs!r}")
+    if not MIN_FS_HZ <= fs <= MAX_FS_HZ:
+        raise EcgRejected(
+            "bad_fs", f"ECG sampling rate {fs:g} Hz is outside the plausible {MIN_FS_HZ:g}-{MAX_FS_HZ:g} Hz"
+        )
     if lengths == {0}:
         raise EcgRejected("bad_shape", "ECG leads have no samples")
     return Waveform(np.stack(arrays, axis=1).astype(np.float32), float(fs), tuple(str(n) for n in names))
@@ -129,7 +140,7 @@ def _waveform(columns: Sequence[npt.ArrayLike], fs: float, names: Sequence[str])
 
 def _volt_factor(unit: str | None, units: Mapping[str, float], what: str) -> float:
     """Factor from ``unit`` to mV, or ``unknown_units`` naming ``what`` carried the unit."""
-    if unit is not None and unit.strip() in units:
+    if isinstance(unit, str) and unit.strip() in units:
         return units[unit.strip()]
     raise EcgRejected(
         "unknown_units", f"{what}: unit {unit!r} is not one of the voltage units {sorted(units)}"
@@ -187,16 +198,22 @@ def read_sampled_data(
         if lead is None:
             continue
         where = f"component[{index}] ({lead})"
-        if int(sampled.get("dimensions", 1)) != 1:
+        try:
+            dimensions = int(sampled.get("dimensions", 1))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EcgRejected("non_numeric", f"{where}: dimensions must be a number") from exc
+        if dimensions != 1:
             raise EcgRejected("bad_shape", f"{where}: dimensions must be 1 (one lead per component)")
-        origin = sampled.get("origin") or {}
+        origin = sampled.get("origin")
+        if not isinstance(origin, Mapping):
+            origin = {}  # no origin, or not an object: no unit either, so unknown_units below
         unit = origin.get("code") or origin.get("unit")
         scale = _volt_factor(unit, units, where)
         try:
             period = float(sampled["period"])
             factor = float(sampled.get("factor", 1.0))
             offset = float(origin.get("value", 0.0))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise EcgRejected("non_numeric", f"{where}: period/factor/origin must be numbers") from exc
         if not math.isfinite(period) or period <= 0:
             raise EcgRejected("bad_fs", f"{where}: period must be a positive number of ms, got {period!r}")

@@ -147,11 +147,11 @@ def parse_fhir_datetime(value: object) -> datetime | None:
             parsed = datetime(int(text[:4]), int(text[5:7]), 1)
         else:
             parsed = datetime.fromisoformat(text)
-    except ValueError:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: 0001-01-01T00:00+01:00 has no UTC instant
         return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
 
 
 def _birth_date(value: object) -> date | None:
@@ -199,18 +199,35 @@ DOCUMENT_TIME: tuple[str, ...] = ("context.period.start", "date")
 
 
 # --------------------------------------------------------------------------- small FHIR helpers
+# Resources arrive from the EHR as arbitrary JSON: a field that should hold a list or a string may
+# hold a number or an object. These helpers read such fields defensively, so a malformed resource
+# is skipped instead of failing the whole hook call.
+
+
+def _list(value: Any) -> list[Any]:
+    """``value`` when it is a JSON array, else an empty list."""
+    return value if isinstance(value, list) else []
+
+
+def _text(value: Any) -> str | None:
+    """``value`` when it is a string, else ``None``."""
+    return value if isinstance(value, str) else None
 
 
 def _codings(node: Any) -> list[tuple[str | None, str | None]]:
-    """(system, code) pairs of a CodeableConcept, a list of them, or a Coding."""
+    """(system, code) pairs of a CodeableConcept, a list of them, or a Coding (non-strings as ``None``)."""
     if isinstance(node, list):
         return [pair for item in node for pair in _codings(item)]
     if not isinstance(node, Mapping):
         return []
     if "coding" in node:
-        return [(c.get("system"), c.get("code")) for c in node.get("coding") or [] if isinstance(c, Mapping)]
+        return [
+            (_text(c.get("system")), _text(c.get("code")))
+            for c in _list(node.get("coding"))
+            if isinstance(c, Mapping)
+        ]
     if "code" in node:
-        return [(node.get("system"), node.get("code"))]
+        return [(_text(node.get("system")), _text(node.get("code")))]
     return []
 
 
@@ -238,7 +255,7 @@ def _of_patient(resource: Mapping[str, Any], patient_ref: str | None) -> bool:
 
 def _usable(resource: Mapping[str, Any]) -> bool:
     """False for withdrawn or erroneous resources."""
-    return resource.get("status") not in IGNORED_STATUSES
+    return _text(resource.get("status")) not in IGNORED_STATUSES
 
 
 # --------------------------------------------------------------------------- ECG
@@ -289,9 +306,9 @@ def _lead_of(ecg: Any) -> Callable[[Mapping[str, Any]], str | None]:
     """Lead of a component code: an MDC lead coding, else a coding display/code or the text as alias."""
 
     def lead(code: Mapping[str, Any]) -> str | None:
-        codings = [c for c in code.get("coding") or [] if isinstance(c, Mapping)]
+        codings = [c for c in _list(code.get("coding")) if isinstance(c, Mapping)]
         for coding in codings:
-            found = ecg.lead_for_coding(coding.get("system"), coding.get("code"))
+            found = ecg.lead_for_coding(_text(coding.get("system")), _text(coding.get("code")))
             if found:
                 return str(found)
         names = [coding.get(key) for coding in codings for key in ("display", "code")] + [code.get("text")]
@@ -359,7 +376,7 @@ def _decode(candidate: _Candidate, ecg: Any, loader: Callable[[str], bytes] | No
     """The candidate's waveform in model lead order (raises :class:`EcgRejected`)."""
     resource = candidate.resource
     if candidate.carrier == "observation":
-        components = [c for c in resource.get("component") or [] if isinstance(c, Mapping)]
+        components = [c for c in _list(resource.get("component")) if isinstance(c, Mapping)]
         raw = read_sampled_data(components, _lead_of(ecg), units=_units(ecg))
     elif candidate.carrier == "media":
         content = resource.get("content")
@@ -369,12 +386,12 @@ def _decode(candidate: _Candidate, ecg: Any, loader: Callable[[str], bytes] | No
     else:
         attachments = [
             c["attachment"]
-            for c in resource.get("content") or []
+            for c in _list(resource.get("content"))
             if isinstance(c, Mapping) and isinstance(c.get("attachment"), Mapping)
         ]
         if not attachments:
             raise EcgRejected("no_attachment", "DocumentReference has no content attachment")
-        readable = [a for a in attachments if ecg.attachment_format(a.get("contentType")) is not None]
+        readable = [a for a in attachments if ecg.attachment_format(_text(a.get("contentType"))) is not None]
         raw = _decode_attachment(readable[0] if readable else attachments[0], ecg, loader)
     return to_model_leads(
         raw,
@@ -452,7 +469,13 @@ def _quantity(node: Any, spec: Any) -> float | None:
     if not isinstance(node, Mapping):
         return None
     value = node.get("value")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        value = float(value)  # a JSON integer of 400 digits does not fit a float
+    except OverflowError:
+        return None
+    if not math.isfinite(value):
         return None
     for unit in (node.get("code"), node.get("unit")):
         if isinstance(unit, str) and unit.strip():
@@ -476,7 +499,7 @@ def _observation_values(spec: Any, observations: Iterable[Mapping[str, Any]]) ->
             if _has_code(obs.get("code"), [ref.panel]):
                 quantities.extend(
                     comp.get("valueQuantity")
-                    for comp in obs.get("component") or []
+                    for comp in _list(obs.get("component"))
                     if isinstance(comp, Mapping)
                     and comp.get("dataAbsentReason") is None
                     and _has_code(comp.get("code"), [ref.component])
@@ -499,20 +522,24 @@ def _closest(values: Iterable[_Value], window: Any, at: datetime) -> _Value | No
 def _race(patient: Mapping[str, Any], spec: Any) -> str | None:
     """The race category from the US Core race (and ethnicity) extensions, or ``None``."""
     urls = list(spec.fhir.extensions)
-    by_url = {ext.get("url"): ext for ext in patient.get("extension") or [] if isinstance(ext, Mapping)}
+    by_url = {
+        ext["url"]: ext
+        for ext in _list(patient.get("extension"))
+        if isinstance(ext, Mapping) and isinstance(ext.get("url"), str)
+    }
     present = [by_url[url] for url in urls if url in by_url]
     if not present:
         return None
     pairs: list[tuple[str | None, str | None]] = []
     for ext in present:
-        for sub in ext.get("extension") or []:
+        for sub in _list(ext.get("extension")):
             if isinstance(sub, Mapping) and sub.get("url") in ("ombCategory", "detailed"):
                 pairs.extend(_codings(sub.get("valueCoding")))
     race_ext = by_url.get(urls[0]) if urls else None
     text = next(
         (
             sub.get("valueString")
-            for sub in (race_ext or {}).get("extension") or []
+            for sub in _list((race_ext or {}).get("extension"))
             if isinstance(sub, Mapping) and sub.get("url") == "text"
         ),
         None,

@@ -69,15 +69,41 @@ def _parse_timestamp(value: Any, where: str) -> datetime:
     try:
         moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise FeedbackError(f"{where}.outcomeTimestamp: {value!r} is not an RFC 3339 date-time") from None
+        raise FeedbackError(
+            f"{where}.outcomeTimestamp: {value[:40]!r} is not an RFC 3339 date-time"
+        ) from None
     if moment.tzinfo is None:
         raise FeedbackError(f"{where}.outcomeTimestamp: needs a time zone (e.g. 'Z')")
+    try:
+        moment.astimezone(UTC)  # stored and de-duplicated in UTC
+    except OverflowError:
+        raise FeedbackError(f"{where}.outcomeTimestamp: {value[:40]!r} has no UTC equivalent") from None
     return moment
 
 
 def _text(value: Any) -> str | None:
     """A stripped non-empty string, else ``None``."""
     return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _storable(value: str | None, where: str, column: str | None = None) -> str | None:
+    """``value`` if the database can hold it in ``column``; FeedbackError naming ``where`` otherwise.
+
+    Both backends refuse text that is not valid Unicode (lone surrogates), PostgreSQL refuses NUL
+    characters and enforces ``VARCHAR`` lengths; refusing here makes those a 400, not a 500.
+    """
+    if value is None:
+        return None
+    if "\x00" in value:
+        raise FeedbackError(f"{where}: contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FeedbackError(f"{where}: is not valid Unicode text") from None
+    limit = getattr(Feedback.__table__.c[column].type, "length", None) if column else None
+    if limit is not None and len(value) > limit:
+        raise FeedbackError(f"{where}: longer than {limit} characters")
+    return value
 
 
 def _override(
@@ -122,7 +148,7 @@ def parse_feedback(body: Any) -> list[FeedbackItem]:
         where = f"feedback[{index}]"
         if not isinstance(entry, dict):
             raise FeedbackError(f"{where}: must be an object")
-        card = _text(entry.get("card"))
+        card = _storable(_text(entry.get("card")), f"{where}.card", "card_uuid")
         if card is None:
             raise FeedbackError(f"{where}.card: required card uuid")
         outcome = entry.get("outcome")
@@ -140,6 +166,11 @@ def parse_feedback(body: Any) -> list[FeedbackItem]:
                 f"{where}.acceptedSuggestions: required (with ids) when the outcome is accepted"
             )
         system, code, display, comment, reason_ext = _override(entry)
+        reason = f"{where}.overrideReason"
+        system = _storable(system, f"{reason}.reason.system", "override_system")
+        code = _storable(code, f"{reason}.reason.code", "override_code")
+        display = _storable(display, f"{reason}.reason.display", "override_display")
+        comment = _storable(comment, f"{reason}.userComment")
         extension: dict[str, Any] = {}
         if isinstance(entry.get("extension"), dict):
             extension.update(entry["extension"])

@@ -56,11 +56,14 @@ import httpx
 from cds_service.ecg_readers import media_type
 from cds_service.errors import EcglabError, InputError
 from cds_service.features import PatientData
+from cds_service.observability import protect_library_loggers
 
 log = logging.getLogger(__name__)
-# httpx logs every request line, URL and query (patient ids) included, at INFO.
+# httpx logs every request line, URL and query (patient ids) included, at INFO: keep it quiet, and
+# should anyone turn it on, cut the URLs down to their origin.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 logging.getLogger("httpcore").setLevel(logging.WARNING)
+protect_library_loggers()
 
 FHIR_JSON = "application/fhir+json"
 """MIME type asked for and sent."""
@@ -418,6 +421,10 @@ class FhirClient:
                 chunks: list[bytes] = []
                 size = 0
                 for chunk in response.iter_bytes():
+                    # The read timeout bounds each read, not the whole body: a server that drips a
+                    # byte at a time would hold this thread forever. The deadline bounds the total.
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise FhirTimeout(f"{what}: the attachment was still arriving at the deadline")
                     size += len(chunk)
                     if size > limit:
                         raise FhirTooLarge(

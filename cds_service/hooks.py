@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FHIR_ID = re.compile(r"(?!\.+$)[A-Za-z0-9\-.]{1,256}")
+BEARER_TOKEN = re.compile(r"[\x20-\x7e]{1,16384}")
 USER_REF = re.compile(r"(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,256}")
 
 
@@ -211,6 +212,8 @@ def parse_hook_request(body: Any, service: ServiceDef) -> HookRequest:
     for name in ("hook", "hookInstance"):
         if not _nonempty_str(body.get(name)):
             raise BadHookRequest(f"'{name}' is required and must be a non-empty string")
+    if not _storable(body["hookInstance"]):  # it is stored with every issued card
+        raise BadHookRequest("'hookInstance' must be valid Unicode text without NUL characters")
     if not isinstance(body.get("context"), dict):
         raise BadHookRequest("'context' is required and must be an object")
     if body["hook"] != service.hook:
@@ -230,10 +233,8 @@ def parse_hook_request(body: Any, service: ServiceDef) -> HookRequest:
     if prefetch is not None and not isinstance(prefetch, dict):
         raise BadHookRequest("'prefetch' must be an object of key -> resource")
     fhir_server = body.get("fhirServer")
-    if fhir_server is not None:
-        parts = urlsplit(fhir_server) if isinstance(fhir_server, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise BadHookRequest("'fhirServer' must be an absolute http(s) URL")
+    if fhir_server is not None and not _usable_url(fhir_server):
+        raise BadHookRequest("'fhirServer' must be an absolute http(s) URL")
     authorization = body.get("fhirAuthorization")
     access_token = None
     if authorization is not None:
@@ -241,6 +242,11 @@ def parse_hook_request(body: Any, service: ServiceDef) -> HookRequest:
             raise BadHookRequest("'fhirAuthorization' must be an object")
         token = authorization.get("access_token")
         access_token = token if _nonempty_str(token) else None
+        if access_token is not None and not BEARER_TOKEN.fullmatch(access_token):
+            # An HTTP header carries printable ASCII only: such a token cannot be sent, so it counts
+            # as absent (the call may still be answered from the prefetch, else it is a 412).
+            log.info("fhirAuthorization.access_token is not printable ASCII; treated as absent")
+            access_token = None
     return HookRequest(
         hook=body["hook"],
         hook_instance=body["hookInstance"],
@@ -252,6 +258,28 @@ def parse_hook_request(body: Any, service: ServiceDef) -> HookRequest:
         access_token=access_token,
         prefetch=prefetch,
     )
+
+
+def _storable(text: str) -> bool:
+    """Whether a database can store ``text``: encodable as UTF-8 (no lone surrogates), no NUL."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+def _usable_url(value: Any) -> bool:
+    """Whether ``value`` is an absolute http(s) URL that urllib and httpx both accept (port in range)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises ValueError for a port out of range
+        httpx.URL(value)
+    except (ValueError, httpx.InvalidURL):
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _draft_orders(value: Any) -> tuple[Mapping[str, Any], ...]:

@@ -194,7 +194,7 @@ def validate_jwks(data: Any) -> Mapping[str, Any]:
     for key in data["keys"]:
         if not isinstance(key, dict):
             raise JwksError("every JWKS key must be an object")
-        if key.get("kty") not in ALLOWED_KEY_TYPES:
+        if not isinstance(key.get("kty"), str) or key["kty"] not in ALLOWED_KEY_TYPES:
             raise JwksError(f"key type {key.get('kty')!r} is not allowed (EC or RSA public keys only)")
         if "d" in key:
             raise JwksError("the JWKS holds a private key; publish public keys only")

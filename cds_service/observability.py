@@ -44,6 +44,7 @@ _request_context: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextV
 _JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _BEARER_RE = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
 _ACCESS_TOKEN_RE = re.compile(r"(?i)(\"?access_token\"?\s*[:=]\s*\"?)[^\s\",}]{4,}")
+_URL_RE = re.compile(r"(?i)\b(https?://[^/\s\"'<>?#]+)([/?#][^\s\"'<>]*)")
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
@@ -108,6 +109,31 @@ def redact(text: str) -> str:
     return _ACCESS_TOKEN_RE.sub(r"\1[redacted]", text)
 
 
+class UrlRedactingFilter(logging.Filter):
+    """Cuts every URL in a record's message down to its origin: paths and queries name patients.
+
+    httpx logs each request line (``HTTP Request: GET https://fhir/Patient/<id>?subject=...``) at
+    INFO. The service keeps that logger at WARNING, but an operator's logging configuration (or a
+    test running every logger at DEBUG) may turn it on; this filter sits on the ``httpx`` logger
+    itself, so whatever handler receives the record gets ``https://fhir.example.org/...`` only.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Replace path, query and fragment of each URL in the message with ``/...``."""
+        message = record.getMessage()
+        cleaned = _URL_RE.sub(r"\1/...", message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def protect_library_loggers() -> None:
+    """Put :class:`UrlRedactingFilter` on the ``httpx`` logger (once; repeated calls change nothing)."""
+    logger = logging.getLogger("httpx")
+    if not any(isinstance(f, UrlRedactingFilter) for f in logger.filters):
+        logger.addFilter(UrlRedactingFilter())
+
+
 class ContextFilter(logging.Filter):
     """Adds ``service`` and ``hook_instance`` attributes (from :func:`bind_request`) to records."""
 
@@ -133,6 +159,7 @@ class RedactingFilter(logging.Filter):
 
 def configure_logging(level: str) -> None:
     """Process-wide logging: one stderr handler with context and redaction filters."""
+    protect_library_loggers()
     logging.config.dictConfig(
         {
             "version": 1,

@@ -59,6 +59,12 @@ MIN_DURATION_S: float = 2.5
 CLIP_MV: float = 3.0
 """Amplitude limit in mV; larger excursions are clipped (reference ``clip_amp=3``)."""
 
+MIN_FS: float = 50.0
+"""Lowest accepted sampling rate, Hz (12-lead ECG devices record at 250–1000 Hz or more)."""
+
+MAX_FS: float = 20_000.0
+"""Highest accepted sampling rate, Hz."""
+
 MAX_RATIO_DENOMINATOR: int = 1000
 """Largest denominator of the resampling ratio ``100 / fs`` (bounds the polyphase filter size)."""
 
@@ -67,7 +73,7 @@ class EcgError(InputError):
     """An ECG that cannot be turned into model input; ``reason`` names why.
 
     Reasons: ``bad_shape`` (not a (samples, leads) array matching the lead names, or no samples),
-    ``bad_fs`` (sampling rate not a positive finite number), ``missing_leads`` (a model lead is
+    ``bad_fs`` (sampling rate not a finite number within 50 Hz–20 kHz), ``missing_leads`` (a model lead is
     absent), ``duplicate_leads`` (two inputs resolve to the same model lead), ``non_finite``
     (a lead has no finite sample), ``too_short`` (shorter than :data:`MIN_DURATION_S`).
     """
@@ -144,10 +150,12 @@ def resample_ratio(fs: float) -> tuple[int, int]:
     """``(up, down)`` with ``up / down`` = ``TARGET_FS / fs`` (denominator ≤ 1000).
 
     Raises:
-        EcgError: ``bad_fs`` when ``fs`` is not a positive finite number.
+        EcgError: ``bad_fs`` when ``fs`` is not a finite number within
+        [:data:`MIN_FS`, :data:`MAX_FS`] Hz. The lower bound matters beyond plausibility: a
+        claimed rate of 0.001 Hz would make the resampler allocate gigabytes for a few samples.
     """
-    if not np.isfinite(fs) or fs <= 0:
-        raise EcgError("bad_fs", f"ECG sampling rate must be a positive number, got {fs!r}")
+    if not np.isfinite(fs) or not MIN_FS <= fs <= MAX_FS:
+        raise EcgError("bad_fs", f"ECG sampling rate must be between {MIN_FS:g} and {MAX_FS:g} Hz, got {fs!r}")
     ratio = Fraction(TARGET_FS / float(fs)).limit_denominator(MAX_RATIO_DENOMINATOR)
     if ratio == 0:
         raise EcgError("bad_fs", f"ECG sampling rate {fs!r} Hz is too high to resample to {TARGET_FS} Hz")

@@ -177,3 +177,12 @@ def test_batch_path_identical_to_single() -> None:
     singles = np.stack([prepare_ecg(record, 500, MIMIC_ORDER) for record in batch])
     assert together.dtype == np.float32
     np.testing.assert_array_equal(together, singles)
+
+
+@pytest.mark.parametrize("fs", [0.001, 10.0, 49.9, 20_001.0, float("nan"), -500.0])
+def test_implausible_sampling_rates_are_rejected_before_resampling(fs: float) -> None:
+    """A rate outside 50 Hz–20 kHz is refused (a tiny one would make the resampler allocate GBs)."""
+    signal = np.zeros((1000, 12), dtype=np.float32)
+    with pytest.raises(EcgError) as exc:
+        prepare_ecg(signal, fs, MODEL_LEADS)
+    assert exc.value.reason == "bad_fs"
