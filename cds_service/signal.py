@@ -155,7 +155,9 @@ def resample_ratio(fs: float) -> tuple[int, int]:
         claimed rate of 0.001 Hz would make the resampler allocate gigabytes for a few samples.
     """
     if not np.isfinite(fs) or not MIN_FS <= fs <= MAX_FS:
-        raise EcgError("bad_fs", f"ECG sampling rate must be between {MIN_FS:g} and {MAX_FS:g} Hz, got {fs!r}")
+        raise EcgError(
+            "bad_fs", f"ECG sampling rate must be between {MIN_FS:g} and {MAX_FS:g} Hz, got {fs!r}"
+        )
     ratio = Fraction(TARGET_FS / float(fs)).limit_denominator(MAX_RATIO_DENOMINATOR)
     if ratio == 0:
         raise EcgError("bad_fs", f"ECG sampling rate {fs!r} Hz is too high to resample to {TARGET_FS} Hz")
