@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cds_service.cards import CARD_EXTENSION  # the cards' machine-readable facts
 from cds_service.errors import EcglabError
 
 FHIR_SETTINGS = """host: 127.0.0.1
@@ -41,7 +42,6 @@ simulator: {{enabled: false}}
 log_inbound: false
 """
 
-CARD_EXTENSION = "org.ecglab.prediction"  # the cards' machine-readable facts (reverse-domain key)
 DEMO_TOKEN = "demo-access-token"  # what the demo "EHR" hands the service for FHIR reads
 
 
