@@ -544,3 +544,16 @@ def app_factory(service_env: ServiceEnv) -> Iterator[AppFactory]:
         state.pipeline.deps.executor.shutdown(wait=False, cancel_futures=True)
         state.pipeline.deps.fhir_executor.shutdown(wait=False, cancel_futures=True)
         state.engine.dispose()
+
+
+# Fixtures: this module is a pytest plugin (tests/conftest.py), so every service test shares them.
+@pytest.fixture
+def service_env(tmp_path: Path) -> ServiceEnv:
+    """Issuers file and keys in this test's temp folder."""
+    return new_service_env(tmp_path)
+
+
+@pytest.fixture
+def make_app(service_env: ServiceEnv) -> Iterator[AppFactory]:
+    """Factory of apps wired to test doubles."""
+    yield from app_factory(service_env)

@@ -18,8 +18,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -36,31 +35,15 @@ from tests.service_fixtures import (
     JKU_ISS,
     JKU_URL,
     PUBLIC_URL,
-    AppFactory,
     FakeRuntime,
     MockFhir,
     ServiceEnv,
-    app_factory,
     clinical_record,
     hook_request,
     jwks,
-    new_service_env,
     prediction,
     prefetch_from,
 )
-
-
-@pytest.fixture
-def service_env(tmp_path: Path) -> ServiceEnv:
-    """Issuers file and keys in this test's temp folder."""
-    return new_service_env(tmp_path)
-
-
-@pytest.fixture
-def make_app(service_env: ServiceEnv) -> Iterator[AppFactory]:
-    """Factory of apps wired to test doubles."""
-    yield from app_factory(service_env)
-
 
 DISCOVERY = "/cds-services"
 HOOK = "/cds-services/ecglab-patient-view"

@@ -13,8 +13,6 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,29 +24,14 @@ from tests.service_fixtures import (
     JKU_ISS,
     JKU_URL,
     PUBLIC_URL,
-    AppFactory,
     ServiceEnv,
-    app_factory,
     hook_request,
     jwks,
     load_sample,
     mint,
-    new_service_env,
 )
 
 pytest_plugins = ["tests.pg"]
-
-
-@pytest.fixture
-def service_env(tmp_path: Path) -> ServiceEnv:
-    """Issuers file and keys in this test's temp folder."""
-    return new_service_env(tmp_path)
-
-
-@pytest.fixture
-def make_app(service_env: ServiceEnv) -> Iterator[AppFactory]:
-    """Factory of apps wired to test doubles."""
-    yield from app_factory(service_env)
 
 
 DISCOVERY = "/cds-services"

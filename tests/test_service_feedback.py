@@ -7,7 +7,6 @@ embedded cluster from ``tests/pg.py``), the two backends ``ECGLAB_DATABASE_URL``
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,28 +15,13 @@ from sqlalchemy import func, select
 
 from cds_service.db import Feedback
 from tests.service_fixtures import (
-    AppFactory,
     ServiceEnv,
-    app_factory,
     load_sample,
-    new_service_env,
 )
 
 pytest_plugins = ["tests.pg"]
 
 FEEDBACK = "/cds-services/ecglab-order-select/feedback"
-
-
-@pytest.fixture
-def service_env(tmp_path: Path) -> ServiceEnv:
-    """Issuers file and keys in this test's temp folder."""
-    return new_service_env(tmp_path)
-
-
-@pytest.fixture
-def make_app(service_env: ServiceEnv) -> Iterator[AppFactory]:
-    """Factory of apps wired to test doubles."""
-    yield from app_factory(service_env)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

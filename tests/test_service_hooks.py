@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,9 @@ from tests.service_fixtures import (
     EHR_ISS,
     FHIR_TOKEN,
     PATIENT_ID,
-    AppFactory,
     FakeRuntime,
     MockFhir,
     ServiceEnv,
-    app_factory,
     assert_schema_valid,
     bundle,
     clinical_record,
@@ -35,23 +32,9 @@ from tests.service_fixtures import (
     hook_request,
     lab_result,
     load_sample,
-    new_service_env,
     prediction,
     prefetch_from,
 )
-
-
-@pytest.fixture
-def service_env(tmp_path: Path) -> ServiceEnv:
-    """Issuers file and keys in this test's temp folder."""
-    return new_service_env(tmp_path)
-
-
-@pytest.fixture
-def make_app(service_env: ServiceEnv) -> Iterator[AppFactory]:
-    """Factory of apps wired to test doubles."""
-    yield from app_factory(service_env)
-
 
 SERVICE_OF_HOOK = {
     "patient-view": "ecglab-patient-view",
