@@ -307,3 +307,22 @@ def test_seed_reports_rejected_transactions(
     with pytest.raises(InputError) as info:
         seed("http://fhir.test/fhir", subjects[2:3], mappings, transport=httpx.MockTransport(handler))
     assert "http://fhir.test/fhir" in str(info.value) and expected in str(info.value)
+
+
+def test_score_cli_scores_patients_on_a_fhir_server(
+    seeded: FhirServer, subjects: list[Subject], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ecglab score --fhir-url --patient`` runs the service's client, features and runtime per patient."""
+    from tests.onnx_fixtures import LABELS, build_toy_model_dir
+
+    build_toy_model_dir(tmp_path / "model")
+    ids = [f"ecglab-{s.subject_id}" for s in subjects[:3]]
+    out = tmp_path / "scores.json"
+    argv = ["score", "--model", str(tmp_path / "model"), "--fhir-url", seeded.base_url, "--out", str(out)]
+    assert main([*argv, *(x for pid in ids for x in ("--patient", pid))]) == 0
+    scores = json.loads(out.read_text())
+    assert sorted(scores) == sorted(ids)
+    for pid in ids:
+        assert set(scores[pid]) == {f"{lab}_{d}_{t}" for lab, d, t in LABELS}
+    printed = capsys.readouterr().out
+    assert "patient #1" in printed and ids[0] not in printed  # no patient identifiers on screen
