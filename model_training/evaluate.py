@@ -59,6 +59,7 @@ from model_training.metrics import (
     choose_threshold,
     expected_calibration_error,
     group_columns,
+    roc_auc,
     sensitivity_specificity,
 )
 from model_training.model import FusionModel
@@ -151,6 +152,33 @@ def planted_targets(info: Mapping[str, Any]) -> tuple[list[str], str] | None:
     if not isinstance(planted, list):
         raise InputError(f"{path}: field 'planted_targets' is missing or not a list")
     return [str(t) for t in planted], Path(path).name
+
+
+def planted_oracle(
+    dataset: Any, rows: np.ndarray, y: np.ndarray, targets: Sequence[str], is_planted: Mapping[str, bool]
+) -> dict[str, Any] | None:
+    """Test-fold AUROC of the generator's noise-free planted rules (the ceiling for any model).
+
+    None for real data, or when the ground truth has no per-record drivers to score.
+    """
+    generator = dataset.info.get("generator")
+    path = generator.get("ground_truth") if isinstance(generator, Mapping) else None
+    if not isinstance(path, str) or not Path(path).is_file():
+        return None
+    from model_training.synthetic import oracle_scores
+
+    truth = json.loads(Path(path).read_text(encoding="utf-8"))
+    if "rules" not in truth or "records" not in truth:
+        return None
+    scores = oracle_scores(truth, dataset.records["study_id"].to_numpy()[rows])
+    per_target: dict[str, float | None] = {}
+    for j, target in enumerate(targets):
+        name = parse_target(target)
+        if is_planted[target] and name.label in scores:
+            sign = 1.0 if name.direction == "high" else -1.0
+            per_target[target] = _num(roc_auc(y[:, j], sign * scores[name.label]))
+    values = [v for v in per_target.values() if v is not None]
+    return {"macro_auroc": float(np.mean(values)) if values else None, "per_target": per_target}
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,6 +376,9 @@ def evaluate(
             "groups": {g: _macro_entry(results["test"], cols, cfg.confidence) for g, cols in groups.items()},
             "per_target": {t: splits["test"]["targets"][t]["auroc"] for t in targets if is_planted[t]},
         }
+        oracle = planted_oracle(dataset, rows["test"], ys["test"], targets, is_planted)
+        if oracle is not None:
+            metrics["planted"]["oracle"] = oracle
     metrics["paper_comparison"] = paper_comparison(metrics)
 
     for split in ("val", "test"):

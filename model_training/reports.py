@@ -368,6 +368,15 @@ def _summary_tables(metrics: Mapping[str, Any]) -> list[tuple[str, list[str], li
     planted = metrics.get("planted")
     if planted:
         rows = [[group, str(v["n_targets"]), _ci(v, "macro_auroc")] for group, v in planted["groups"].items()]
+        oracle = planted.get("oracle") or {}
+        if oracle.get("macro_auroc") is not None:
+            rows.append(
+                [
+                    "oracle: noise-free planted rules",
+                    str(len(oracle["per_target"])),
+                    f"{oracle['macro_auroc']:.3f}",
+                ]
+            )
         tables.append(
             (
                 f"Synthetic data: planted vs noise targets (test fold; from {planted['source']})",

@@ -103,10 +103,10 @@ import multiprocessing
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -737,6 +737,31 @@ def _rule_score(rule: PlantedRule, drivers: dict[str, np.ndarray], eps: np.ndarr
     weights = np.array([*rule.weights.values(), rule.noise])
     total = sum(w * drivers[name] for name, w in rule.weights.items()) + rule.noise * eps
     return total / np.linalg.norm(weights)
+
+
+def oracle_scores(ground_truth: Mapping[str, Any], study_ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """Per lab with a planted rule, each ECG's noise-free rule score (its weighted drivers).
+
+    This is the best any model could do from the inputs, so evaluation reports the model's AUROC
+    next to this oracle's. Read from ``ground_truth.json`` (``rules`` weights, per-record
+    ``drivers``); a rule may build on another lab's score (hematocrit follows hemoglobin), which is
+    then taken noise-free too. Rank order is all AUROC needs, so the norm is left out.
+    """
+    rules = ground_truth["rules"]
+    records = ground_truth["records"]
+
+    def score(lab: str, drivers: Mapping[str, float]) -> float:
+        return float(
+            sum(
+                w * (drivers[k] if k in drivers else score(k, drivers))
+                for k, w in rules[lab]["weights"].items()
+            )
+        )
+
+    return {
+        lab: np.array([score(lab, records[str(int(sid))]["drivers"]) for sid in study_ids], dtype=np.float64)
+        for lab in rules
+    }
 
 
 def _rule_value(rule: PlantedRule, score: np.ndarray) -> np.ndarray:

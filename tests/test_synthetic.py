@@ -431,3 +431,19 @@ def test_cli_rejects_too_few_subjects(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "--subjects" in capsys.readouterr().err
     with pytest.raises(InputError, match="--subjects"):
         synthetic.generate(tmp_path / "y", 19, 0)
+
+
+def test_oracle_scores_are_the_noise_free_planted_rules(truth: dict) -> None:
+    """The evaluation's oracle: weighted drivers without noise, rank-correlated with the noisy score."""
+    from model_training.synthetic import oracle_scores
+
+    ids = [int(s) for s in truth["records"]]
+    oracle = oracle_scores(truth, ids)
+    assert set(oracle) == set(truth["rules"])
+    for lab, values in oracle.items():
+        noisy = np.array([truth["records"][str(i)]["scores"][lab] for i in ids])
+        assert values.shape == noisy.shape
+        assert np.corrcoef(values, noisy)[0, 1] > 0.8, lab  # the noise is small beside the drivers
+    # Hematocrit's rule builds on hemoglobin's score: its oracle follows hemoglobin's exactly
+    weight = truth["rules"]["Hematocrit"]["weights"]["Hemoglobin"]
+    np.testing.assert_allclose(oracle["Hematocrit"], weight * oracle["Hemoglobin"])
