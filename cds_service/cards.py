@@ -15,7 +15,9 @@ passes the manifest's decision threshold. Each card
 * has ``uuid`` on card and suggestion (feedback needs them), ``selectionBehavior: "any"`` (the
   only value Epic supports) and ``overrideReasons`` with displays.
 
-Labs are skipped when ordering them would be redundant: already among the draft orders of the
+Targets whose test AUROC is not demonstrably above ``ECGLAB_MIN_AUROC`` (the CI lower bound in
+the manifest; 0.70 by default, the paper's criterion) never give cards. Labs are skipped when
+ordering them would be redundant: already among the draft orders of the
 order-select/order-sign context, already ordered (an active/on-hold/draft ServiceRequest with the
 lab's order code or one of its result codes), or resulted within ``ECGLAB_RECENT_RESULT_MIN``.
 At most ``ECGLAB_MAX_CARDS`` cards are returned, the most urgent first (soonest horizon, then lab
@@ -368,11 +370,26 @@ def _lab_for(prediction: TargetPrediction, mappings: Mappings) -> LabSpec | None
     return lab
 
 
-def findings(predictions: Iterable[TargetPrediction], mappings: Mappings) -> list[LabFinding]:
-    """Group passing predictions by lab (predictions of labs absent from the mappings are skipped)."""
+def validated(prediction: TargetPrediction, min_auroc: float) -> bool:
+    """Whether a target's discrimination is demonstrated: its test AUROC's 95 % CI lower bound
+    (from the manifest) exceeds ``min_auroc`` — the paper's criterion for a lab it "predicts".
+
+    A target the manifest gives no CI for is trusted (nothing to check against).
+    """
+    return min_auroc <= 0.0 or prediction.auroc_ci_low is None or prediction.auroc_ci_low > min_auroc
+
+
+def findings(
+    predictions: Iterable[TargetPrediction], mappings: Mappings, min_auroc: float = 0.0
+) -> list[LabFinding]:
+    """Group passing predictions by lab (predictions of labs absent from the mappings are skipped).
+
+    A prediction passes when its probability reaches its decision threshold and its target is
+    :func:`validated`.
+    """
     by_lab: dict[str, LabFinding] = {}
     for p in predictions:
-        if p.probability < p.decision_threshold:
+        if p.probability < p.decision_threshold or not validated(p, min_auroc):
             continue
         lab = _lab_for(p, mappings)
         if lab is None:
@@ -400,7 +417,7 @@ def build_cards(
 ) -> list[BuiltCard]:
     """The response's cards for one hook call, most urgent first, at most ``settings.max_cards``."""
     kept: list[LabFinding] = []
-    for finding in findings(predictions, mappings):
+    for finding in findings(predictions, mappings, settings.min_auroc):
         reason = redundancy(
             finding.lab,
             draft_orders=ctx.draft_orders,

@@ -72,6 +72,7 @@ class TargetPrediction:
     value_threshold: float | None
     unit: str | None
     auroc: float | None
+    auroc_ci_low: float | None = None
 
     @property
     def positive(self) -> bool:
@@ -329,6 +330,7 @@ class ModelRuntime:
                 value_threshold=lab.value_threshold,
                 unit=lab.unit,
                 auroc=lab.auroc,
+                auroc_ci_low=lab.ci_low,
             )
             for lab, p in zip(self._manifest.labels, probs, strict=True)
         ]

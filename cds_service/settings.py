@@ -343,6 +343,14 @@ class Settings:
         default=5,
         metadata=_meta("ECGLAB_MAX_CARDS", _int_parser(1, 50), "most cards per response, most urgent first"),
     )
+    min_auroc: float = field(
+        default=0.70,
+        metadata=_meta(
+            "ECGLAB_MIN_AUROC",
+            _float_parser(0.0, 1.0),
+            "a target gives cards only if its test AUROC's 95% CI lower bound (manifest) exceeds this; 0 = all",
+        ),
+    )
     recent_result_min: int = field(
         default=360,
         metadata=_meta(

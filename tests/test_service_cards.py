@@ -252,3 +252,17 @@ def test_most_urgent_cards_first_up_to_the_maximum() -> None:
     ]
     codes = [c["source"]["topic"]["code"] for c in cards_for(predictions, max_cards=3)]
     assert codes == ["ECGLABPOTASSIUM", "ECGLABTSH", "ECGLABHEMOGLOBIN"]
+
+
+def test_targets_without_demonstrated_auroc_give_no_card() -> None:
+    """Only targets whose test AUROC CI lower bound exceeds ECGLAB_MIN_AUROC (0.70) are recommended."""
+    from dataclasses import replace
+
+    weak = replace(prediction("potassium", 0.9, threshold=0.5), auroc=0.62, auroc_ci_low=0.55)
+    strong = replace(prediction("ntprobnp", 0.9, threshold=0.5), auroc=0.93, auroc_ci_low=0.88)
+    unknown = prediction("hemoglobin", 0.9, threshold=0.5)  # no CI in the manifest: trusted
+    cards = cards_for([weak, strong, unknown])
+    labs = {c["extension"]["org.ecglab.prediction"]["labKey"] for c in cards}
+    assert labs == {"ntprobnp", "hemoglobin"}
+    assert len(cards_for([weak], min_auroc=0.0)) == 1  # 0 turns the filter off
+    assert cards_for([weak], min_auroc=0.5)  # 0.55 > 0.5
