@@ -126,6 +126,7 @@ def bench_cpu(model: BenchModel, threads: int, rounds: int, batch_rounds: int) -
             },
             rounds,
             warmup=3,
+            pause=0.2,  # OpenBLAS threads of the numpy floor spin ~0.1 s: let them settle first
         )
         batch_times = timed_rounds(
             {"batch": lambda: runtime.predict_prepared(batch, cat_b, cont_b, batch_size=CPU_BATCH)},
