@@ -21,7 +21,7 @@ Output (``DATASET/``), every table row-aligned with ``records.parquet`` and the 
 How: the label, cohort and metadata steps run as SQL in DuckDB (bounded memory, spilling to
 disk), see :mod:`model_training.labels` and :mod:`model_training.metadata`; waveforms are
 converted by worker processes (:mod:`model_training.waveforms`). Everything is written into
-``DATASET.tmp-XXXX`` next to the target and renamed at the end, so a half-written data set never
+``DATASET.tmp-<random>`` next to the target and renamed at the end, so a half-written data set never
 looks complete. Re-running the same command after an interruption reuses that folder: the table
 step is skipped when its inputs are unchanged and the waveform conversion continues where it
 stopped.
@@ -245,7 +245,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _work_dir(out: Path, fingerprint: str) -> Path:
-    """The ``OUT.tmp-XXXX`` folder to build in: a previous one with the same inputs, else a new one.
+    """The ``OUT.tmp-<random>`` folder to build in: a previous one with the same inputs, else a new one.
 
     Earlier work folders of this output with other inputs are removed (they can never be resumed).
     """

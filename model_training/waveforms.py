@@ -29,7 +29,7 @@ from cds_service.signal import MODEL_LEADS, TARGET_SAMPLES, EcgError, prepare_ec
 
 logger = logging.getLogger(__name__)
 
-TODO, DONE = 0, 1
+PENDING, DONE = 0, 1
 FAILURE_REASONS: tuple[str, ...] = (
     "unreadable",
     "bad_units",
@@ -174,7 +174,7 @@ def convert(
         InputError: naming a missing WFDB file (the progress made so far is kept).
     """
     status = open_outputs(npy_path, status_path, len(rel_paths))
-    todo = np.flatnonzero(status == TODO)
+    todo = np.flatnonzero(status == PENDING)
     if len(todo) < len(rel_paths):
         logger.info(
             "resuming waveform conversion: %d of %d records already done",
