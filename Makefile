@@ -18,7 +18,7 @@ help:
 	@echo "make test   - install into .venv and .venv-fhir, then run ruff and the whole pytest suite"
 	@echo "make soak   - the long reliability/load suite (loopback only, bounded in time)"
 	@echo "make bench  - run the benchmarks under benchmarks/ and print their figures"
-	@echo "make lint   - ruff check + ruff format --check"
+	@echo "make lint   - ruff check, ruff format --check, mypy"
 
 # The stamp depends on pyproject.toml: a second run is a no-op unless dependencies changed.
 $(VENV)/.installed: pyproject.toml
@@ -58,9 +58,13 @@ install: $(VENV)/.installed $(FHIR_VENV)/.installed $(MEDPLUM)/node_modules/.ins
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy $(TYPED)
+
+TYPED := cds_service fhir_mappings model_training benchmarks
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy $(TYPED)
 	@# pytest exits 5 when it collected nothing: that is a failure here, not a pass.
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc

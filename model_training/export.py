@@ -274,7 +274,8 @@ def build_manifest(
         )
     dataset_json = ckpt["provenance"].get("dataset_json", {}) or {}
     synthetic = bool(metrics.get("data", {}).get("trained_on_synthetic"))
-    generator = dataset_json.get("generator") if isinstance(dataset_json.get("generator"), dict) else {}
+    raw_generator = dataset_json.get("generator")
+    generator: dict[str, Any] = raw_generator if isinstance(raw_generator, dict) else {}
     details: dict[str, Any] = {
         "records": ckpt["provenance"].get("n_records"),
         "run_epoch": int(ckpt["epoch"]),

@@ -198,7 +198,7 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------
 def capture_rng_state() -> dict[str, Any]:
     """This process's python, numpy and torch RNG states as tensors and plain values."""
-    algo, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    algo, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
         "python": [version, list(internal), gauss],
