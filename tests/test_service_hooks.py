@@ -212,6 +212,18 @@ def test_no_prefetch_with_token_reads_the_fhir_server(make_app, hook: str) -> No
     assert runtime.seen[0].ecg.reference == "Observation/ecg-1"
 
 
+def test_fhir_authorization_with_only_an_access_token_is_enough(make_app) -> None:
+    """Cerner-style fhirAuthorization without expires_in/scope/subject still lets the service fetch."""
+    fhir = MockFhir(all_fhir_resources(clinical_record()))
+    client = make_app(runtime=positive_runtime(), fhir=fhir, **DEV).test_client()
+    body = hook_request("patient-view", fhir_server=EHR_FHIR, token=FHIR_TOKEN)
+    body["fhirAuthorization"] = {"access_token": FHIR_TOKEN, "token_type": "Bearer"}
+    response = post_hook(client, body, "patient-view")
+    assert response.status_code == 200, response.get_json()
+    assert len(response.get_json()["cards"]) == 1
+    assert f"Patient/{PATIENT_ID}" in fhir.paths()
+
+
 def test_no_prefetch_without_token_is_412_operationoutcome(make_app) -> None:
     """§4 412 rule + §7: required data neither prefetched nor obtainable → 412, OperationOutcome body."""
     body = load_sample("project/request.patient-view.labs-null-ecg-missing-no-token.json")
