@@ -51,21 +51,29 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], base_url: str, log: Path) -> float:
-    """Poll ``/metadata`` until it answers 200; raise with the server's log tail if it dies."""
+def wait_until_answering(
+    proc: subprocess.Popen[bytes], url: str, log: Path, what: str, timeout_s: float = START_TIMEOUT_S
+) -> float:
+    """Poll ``url`` until it answers 200 and return the seconds that took.
+
+    Raises RuntimeError with the log's tail when the process dies, or kills it after ``timeout_s``.
+    Shared by the FHIR server fixtures and the gunicorn load tests.
+    """
     started = time.monotonic()
-    while time.monotonic() - started < START_TIMEOUT_S:
+    while time.monotonic() - started < timeout_s:
         if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"FHIR test server exited with {proc.returncode}: {tail}")
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {tail}")
         try:
-            if httpx.get(f"{base_url}/metadata", timeout=1.0).status_code == 200:
+            if httpx.get(url, timeout=1.0).status_code == 200:
                 return time.monotonic() - started
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
     proc.kill()
-    raise RuntimeError(f"FHIR test server at {base_url} did not answer within {START_TIMEOUT_S:.0f} s")
+    raise RuntimeError(
+        f"{what} at {url} did not answer within {timeout_s:.0f} s: {log.read_text(errors='replace')[-3000:]}"
+    )
 
 
 def _start(name: str, folder: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
@@ -113,7 +121,7 @@ def fhir_server(
     folder = tmp_path_factory.mktemp(f"fhir-{request.param}")
     proc, base_url, log = _start(request.param, folder)
     try:
-        _wait_ready(proc, base_url, log)
+        wait_until_answering(proc, f"{base_url}/metadata", log, "FHIR test server")
         yield FhirServer(request.param, base_url)
     finally:
         _stop(proc)

@@ -32,6 +32,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.fhir_servers import wait_until_answering
 from tests.figures import record_figure
 from tests.onnx_fixtures import build_toy_model_dir
 from tests.service_fixtures import FHIR_TOKEN, PATIENT_ID, clinical_record, hook_request, prefetch_from
@@ -89,18 +90,13 @@ class ServeProcess:
     def _wait_ready(self) -> float:
         """Poll ``/healthz`` until it answers 200; fail with the log tail if the server dies or stalls."""
         assert self.process is not None
-        started = time.monotonic()
-        while time.monotonic() - started < START_TIMEOUT_S:
-            if self.process.poll() is not None:
-                pytest.fail(f"ecglab serve exited with {self.process.returncode}: {self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.base_url}/healthz", timeout=1.0).status_code == 200:
-                    return time.monotonic() - started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        pytest.fail(f"ecglab serve did not answer within {START_TIMEOUT_S:.0f} s: {self.log()[-3000:]}")
+        try:
+            return wait_until_answering(
+                self.process, f"{self.base_url}/healthz", self.log_path, "ecglab serve", START_TIMEOUT_S
+            )
+        except RuntimeError as exc:
+            self.stop()
+            pytest.fail(str(exc))
 
     def stop(self) -> None:
         """Stop gunicorn gracefully; kill it if it does not go."""
