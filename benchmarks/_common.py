@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cds_service.manifest import TASK_HORIZON_MIN
+from fhir_mappings.tasks import TASK_HORIZON_MIN
 
 REPO = Path(__file__).resolve().parents[1]
 SEKMET = Path(os.environ.get("ECGLAB_SEKMET", REPO / ".venv-fhir" / "bin" / "sekmet"))
@@ -122,8 +122,8 @@ def resolve_model(model: Path | None, quick: bool, scratch: Path) -> BenchModel:
     The random export goes into ``scratch`` (a temporary folder the caller removes): paper sizes
     normally, ``QUICK_MODEL`` sizes with ``quick``.
     """
-    from cds_service.manifest import ManifestError, find_manifest, load_manifest
     from cds_service.settings import default_model_dir
+    from fhir_mappings.manifest import ManifestError, find_manifest, load_manifest
 
     if model is not None:
         path = find_manifest(model)
@@ -166,9 +166,9 @@ def export_random_model(directory: Path, n_labels: int = RANDOM_LABELS, **sizes:
     """
     import torch
 
-    from cds_service.manifest import Manifest, sha256_file
-    from cds_service.signal import MODEL_LEADS
     from fhir_mappings import MAPPING_VERSION, load_mappings
+    from fhir_mappings.manifest import Manifest, sha256_file
+    from fhir_mappings.signal_spec import MODEL_LEADS
     from model_training.model import FusionModel, ModelConfig
     from model_training.s4_export import export_onnx
 

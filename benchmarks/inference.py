@@ -56,7 +56,8 @@ from _common import (
 )
 
 from cds_service.features import EcgRecord, ModelInputs
-from cds_service.inference import ModelRuntime, cuda_unavailable_reason, encode_metadata
+from cds_service.inference import ModelRuntime, cuda_unavailable_reason
+from fhir_mappings.metadata_encoding import encode_metadata
 
 RAW_FS = 500.0
 RAW_SECONDS = 10.0
@@ -198,7 +199,7 @@ def gpu_figures(
     and the ratio of the model's time to those GEMMs' time. ``device="cpu"`` runs the same code on
     the CPU provider, which checks it on a machine without a GPU.
     """
-    from cds_service.manifest import load_manifest
+    from fhir_mappings.manifest import load_manifest
 
     manifest = load_manifest(model.manifest_path, verify_file=False)
     onnx_path = model.directory / manifest.onnx.file

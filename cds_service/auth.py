@@ -39,10 +39,10 @@ import jwt
 from sqlalchemy import Engine
 
 from cds_service.db import purge_expired_tokens, remember_token
-from cds_service.errors import EcglabError
 from cds_service.issuers import IssuerConfig, JwksCache, JwksError, find_key, is_loopback_url, url_has_prefix
 from cds_service.observability import log_safe
 from cds_service.settings import Settings
+from fhir_mappings.errors import EcglabError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ pandas or duckdb. Each subcommand module exposes two functions:
 * ``add_arguments(parser: argparse.ArgumentParser) -> None`` declares its flags;
 * ``run(args: argparse.Namespace) -> int`` does the work and returns the exit status.
 
-A module raises :class:`cds_service.errors.EcglabError` for bad input; the dispatcher turns it into
+A module raises :class:`fhir_mappings.errors.EcglabError` for bad input; the dispatcher turns it into
 one line on stderr and exit status 2, never a traceback.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cds_service import __version__
-from cds_service.errors import EcglabError
+from fhir_mappings.errors import EcglabError
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import StaticPool
 
-from cds_service.errors import ConfigError
+from fhir_mappings.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

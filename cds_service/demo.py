@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cds_service.cards import CARD_EXTENSION  # the cards' machine-readable facts
-from cds_service.errors import EcglabError
+from fhir_mappings.errors import EcglabError
 
 FHIR_SETTINGS = """host: 127.0.0.1
 port: {port}

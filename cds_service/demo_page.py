@@ -51,7 +51,7 @@ import numpy.typing as npt
 from flask import Blueprint, Response, current_app, jsonify, redirect, request, send_from_directory, url_for
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from cds_service.errors import InputError
+from fhir_mappings.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -320,8 +320,9 @@ def _fhir_errors(what: str) -> Iterator[None]:
 def _inputs(patient_id: str, fhir_client: Any) -> dict[str, Any]:
     """What the model would read for the patient: features, ECG plot data, or the ECG's problem."""
     from cds_service.features import EcgRejected, NoEcgError, extract_metadata, extract_model_inputs
-    from cds_service.signal import MODEL_LEADS, TARGET_FS, EcgError, prepare_ecg
+    from cds_service.signal import EcgError, prepare_ecg
     from fhir_mappings import load_mappings
+    from fhir_mappings.signal_spec import MODEL_LEADS, TARGET_FS
 
     mappings = load_mappings()
     now = datetime.now(UTC)

@@ -38,7 +38,7 @@ from xml.etree import ElementTree
 import numpy as np
 import numpy.typing as npt
 
-from cds_service.errors import EcglabError
+from fhir_mappings.errors import EcglabError
 
 SAMPLE_MARKERS: frozenset[str] = frozenset({"E", "L", "U"})
 """FHIR ``SampledData.data`` markers: error, below lower limit, above upper limit → NaN."""

@@ -59,7 +59,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cds_service.ecg_readers import EcgRejected, Waveform, read_attachment, read_sampled_data, to_model_leads
-from cds_service.errors import EcglabError
+from fhir_mappings.errors import EcglabError
 
 __all__ = [
     "EcgRecord",

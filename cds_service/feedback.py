@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from cds_service.db import Feedback, insert_ignoring_duplicates
-from cds_service.errors import EcglabError
+from fhir_mappings.errors import EcglabError
 
 log = logging.getLogger(__name__)
 

@@ -54,9 +54,9 @@ from typing import Any, Self
 import httpx
 
 from cds_service.ecg_readers import media_type
-from cds_service.errors import EcglabError, InputError
 from cds_service.features import PatientData
 from cds_service.observability import protect_library_loggers
+from fhir_mappings.errors import EcglabError, InputError
 
 log = logging.getLogger(__name__)
 # httpx logs every request line, URL and query (patient ids) included, at INFO: keep it quiet, and

@@ -47,11 +47,11 @@ from sqlalchemy import Engine
 from cds_service.auth import Authenticator, Caller
 from cds_service.cards import BuiltCard, CardContext, ModelFacts, build_cards
 from cds_service.db import IssuedCard, insert_ignoring_duplicates
-from cds_service.errors import EcglabError
 from cds_service.observability import CARDS, FHIR_SECONDS, HOOK_OUTCOMES, INFERENCE_SECONDS, log_safe
 from cds_service.prefetch import DecodedPrefetch, PrefetchQuery, assemble, decode_prefetch
 from cds_service.settings import Settings
 from fhir_mappings import Mappings
+from fhir_mappings.errors import EcglabError
 
 if TYPE_CHECKING:
     from cds_service.features import ModelInputs
@@ -474,8 +474,8 @@ class HookPipeline:
         """PatientData from the prefetch plus whatever had to be fetched."""
         if not decoded.missing:
             return assemble(decoded.resources, self.deps.queries)
-        from cds_service.errors import InputError
         from cds_service.fhir_client import FhirError, FhirTimeout
+        from fhir_mappings.errors import InputError
 
         t0 = time.perf_counter()
         try:

@@ -3,7 +3,7 @@
 The runtime is what the service (and ``ecglab score``) calls; it never imports torch. It
 
 * loads the manifest, checks the ONNX file's SHA-256 and the mapping version, and refuses to start
-  on any mismatch (:class:`cds_service.manifest.ManifestError`);
+  on any mismatch (:class:`fhir_mappings.manifest.ManifestError`);
 * opens one ONNX Runtime session per process, shared by threads (``InferenceSession.run`` is
   thread-safe), with graph optimisations on. The provider list is configurable; the default is
   CUDA then CPU, but CUDA is only asked for when a driver and the CUDA/cuDNN libraries can actually
@@ -29,8 +29,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cds_service.manifest import Manifest, ManifestError, MetadataSpec, find_manifest, load_manifest
 from cds_service.signal import prepare_ecg
+from fhir_mappings.manifest import Manifest, ManifestError, find_manifest, load_manifest
+from fhir_mappings.metadata_encoding import encode_metadata
 
 log = logging.getLogger(__name__)
 
@@ -78,45 +79,6 @@ class TargetPrediction:
     def positive(self) -> bool:
         """Whether the probability passes the validation-chosen decision threshold."""
         return self.probability >= self.decision_threshold
-
-
-def encode_metadata(
-    values: Mapping[str, Sequence[float | None] | np.ndarray], spec: MetadataSpec
-) -> tuple[np.ndarray, np.ndarray]:
-    """Encode raw feature columns into the network's ``cat`` and ``cont`` inputs.
-
-    ``values`` maps each feature key to a column (NaN or ``None`` = missing), in canonical units.
-    Missing values take the training-fold median (categorical medians rounded to a valid code);
-    each feature listed in ``spec.missing_indicators`` adds a 1.0/0.0 column after the continuous
-    block, in the listed order. Returns ``cat`` int64 (N, n_cat) and ``cont`` float32
-    (N, n_cont + n_indicators). Training and serving both call this, so they cannot drift.
-    """
-    keys = [c.key for c in spec.categorical] + list(spec.continuous)
-    missing_keys = [k for k in keys if k not in values]
-    if missing_keys:
-        raise KeyError(f"metadata lacks features {missing_keys}")
-    columns = {key: _as_float_column(values[key]) for key in keys}
-    n = len(next(iter(columns.values()))) if columns else 0
-    missing = {key: ~np.isfinite(col) for key, col in columns.items()}
-    cat = np.empty((n, len(spec.categorical)), dtype=np.int64)
-    for j, feature in enumerate(spec.categorical):
-        fill = float(np.clip(np.rint(spec.medians[feature.key]), 0, len(feature.categories) - 1))
-        col = np.where(missing[feature.key], fill, columns[feature.key])
-        cat[:, j] = np.clip(np.rint(col), 0, len(feature.categories) - 1).astype(np.int64)
-    cont = np.empty((n, len(spec.continuous) + len(spec.missing_indicators)), dtype=np.float32)
-    for j, key in enumerate(spec.continuous):
-        cont[:, j] = np.where(missing[key], spec.medians[key], columns[key])
-    offset = len(spec.continuous)
-    for j, key in enumerate(spec.missing_indicators):
-        cont[:, offset + j] = missing[key].astype(np.float32)
-    return cat, cont
-
-
-def _as_float_column(column: Sequence[float | None] | np.ndarray) -> np.ndarray:
-    """A float64 column with ``None`` turned into NaN."""
-    if isinstance(column, np.ndarray):
-        return column.astype(np.float64, copy=False)
-    return np.array([np.nan if v is None else v for v in column], dtype=np.float64)
 
 
 def cuda_unavailable_reason() -> str | None:

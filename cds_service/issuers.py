@@ -39,7 +39,7 @@ import httpx
 import jwt
 import yaml
 
-from cds_service.errors import ConfigError, EcglabError
+from fhir_mappings.errors import ConfigError, EcglabError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cds_service.errors import InputError
+from fhir_mappings.errors import InputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +69,8 @@ def _require(path: Path) -> Path:
 def _score_dataset(runtime: object, data: Path, out: Path, batch_size: int) -> int:
     import pandas as pd
 
-    from cds_service.inference import ModelRuntime, encode_metadata
+    from cds_service.inference import ModelRuntime
+    from fhir_mappings.metadata_encoding import encode_metadata
 
     assert isinstance(runtime, ModelRuntime)
     records = pd.read_parquet(_require(data / "records.parquet"))

@@ -20,7 +20,7 @@ with DICOM, and a ``DocumentReference`` with a WFDB zip inline or in a ``Binary`
 Each patient is one transaction Bundle of ``PUT Type/id`` entries with stable ids derived from
 the source rows, so running the command again updates the same resources and never duplicates
 them. Codes and units come from ``fhir_mappings``. Errors (server unreachable, a rejected
-Bundle) raise :class:`~cds_service.errors.InputError` naming the URL and the patient.
+Bundle) raise :class:`~fhir_mappings.errors.InputError` naming the URL and the patient.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cds_service.ecg_readers import encode_dicom, encode_sampled_data, encode_wfdb_zip
-from cds_service.errors import InputError
+from fhir_mappings.errors import InputError
 
 HOSP = Path("mimic-iv/3.1/hosp")
 ED = Path("mimic-iv-ed/2.2/ed")

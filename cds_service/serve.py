@@ -78,7 +78,7 @@ def preflight(settings: Settings) -> str:
     try:
         init_db(engine)
     except Exception as exc:  # SQLAlchemy raises driver-specific errors; name the variable instead
-        from cds_service.errors import ConfigError
+        from fhir_mappings.errors import ConfigError
 
         raise ConfigError(f"ECGLAB_DATABASE_URL: cannot open the database ({type(exc).__name__})") from None
     finally:

@@ -11,7 +11,7 @@ Two ways in:
 * :meth:`Settings.from_mapping` takes a dict keyed by field name or environment variable (tests,
   embedding). It does not consult the environment, so tests stay hermetic.
 
-A malformed value raises :class:`cds_service.errors.ConfigError` naming the variable (or mapping
+A malformed value raises :class:`fhir_mappings.errors.ConfigError` naming the variable (or mapping
 key), so the service stops at startup with one clear line instead of failing on the first request.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cds_service.errors import ConfigError
+from fhir_mappings.errors import ConfigError
 
 SEVERITIES = ("info", "warning", "critical")
 INDICATORS = ("info", "warning", "critical")

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from cds_service.errors import ConfigError
+from fhir_mappings.errors import ConfigError
 from fhir_mappings.schema import (
     LAB_CATEGORIES,
     MODEL_FEATURES,

@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from fhir_mappings.signal_spec import MODEL_LEADS
+
 LOINC_SYSTEM = "http://loinc.org"
 UCUM_SYSTEM = "http://unitsofmeasure.org"
 #: IEEE 11073-10101 (MDC): the URI HL7 terminology prefers first, then the OID form the FHIR R4
@@ -50,20 +52,7 @@ MODEL_FEATURES: tuple[tuple[str, str, bool], ...] = (
 )
 
 #: ECG channel order of the model (CardioLab ``channel_stoi_default``; method §2.2).
-MODEL_LEAD_ORDER: tuple[str, ...] = (
-    "I",
-    "II",
-    "V1",
-    "V2",
-    "V3",
-    "V4",
-    "V5",
-    "V6",
-    "III",
-    "aVR",
-    "aVL",
-    "aVF",
-)
+MODEL_LEAD_ORDER: tuple[str, ...] = MODEL_LEADS
 
 LAB_CATEGORIES: tuple[str, ...] = (
     "cardiac",

@@ -10,7 +10,7 @@ A run is fully described by a :class:`TrainConfig` (which nests the model's
 
 Every key is checked against the dataclass fields and every value against the field's type
 annotation (int, float, bool, str, ``Literal``, tuples/lists, ``X | None``, nested dataclasses).
-An unknown key or an ill-typed value raises :class:`cds_service.errors.ConfigError` naming the key
+An unknown key or an ill-typed value raises :class:`fhir_mappings.errors.ConfigError` naming the key
 and where it came from, instead of being silently ignored (nanoGPT's override idea without
 ``exec``). The resolved config is saved in every checkpoint as plain JSON-able values.
 """
@@ -29,12 +29,11 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from cds_service.errors import ConfigError
+from fhir_mappings.errors import ConfigError
+from fhir_mappings.tasks import TASKS
 from model_training.model import ModelConfig
 
 C = TypeVar("C")
-
-TASKS: tuple[str, ...] = ("est", "mon30", "mon60", "mon120")
 
 
 @dataclass

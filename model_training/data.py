@@ -9,7 +9,7 @@ A DATASET directory (written by ``ecglab preprocess`` or ``ecglab synth-mimic``)
 * ``metadata.parquet``: study_id + the raw features of the brief's table (NaN = missing);
 * ``dataset.json`` (provenance) and ``thresholds.json`` (lab value cut-offs).
 
-Metadata encoding uses :func:`cds_service.inference.encode_metadata`, the function the service
+Metadata encoding uses :func:`fhir_mappings.metadata_encoding.encode_metadata`, the function the service
 runs, with medians computed on the training folds only; so training, evaluation and serving
 cannot drift apart. Missing values take the training median (categorical: the median code,
 rounded) and every feature with an indicator gets a ``{key}_missing`` input.
@@ -37,15 +37,15 @@ import torch
 from numpy.typing import NDArray
 from torch.utils.data import Dataset
 
-from cds_service.errors import InputError
-from cds_service.inference import encode_metadata
-from cds_service.manifest import CategoricalFeature, MetadataSpec
-from cds_service.signal import MODEL_LEADS
 from fhir_mappings import load_mappings
+from fhir_mappings.errors import InputError
+from fhir_mappings.manifest import CategoricalFeature, MetadataSpec
+from fhir_mappings.metadata_encoding import encode_metadata
+from fhir_mappings.signal_spec import MODEL_LEADS
+from fhir_mappings.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
-TASKS: tuple[str, ...] = ("est", "mon30", "mon60", "mon120")
 TARGET_PATTERN = re.compile(r"^(?P<label>.+)_(?P<direction>low|high)_(?P<task>est|mon30|mon60|mon120)$")
 
 # The feature lists come from the one contract both sides read (fhir_mappings/features.yaml), so

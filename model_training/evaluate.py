@@ -42,8 +42,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from cds_service.errors import InputError
-from cds_service.manifest import MetadataSpec
+from fhir_mappings.errors import InputError
+from fhir_mappings.manifest import MetadataSpec
 from model_training.config import EvalConfig, add_config_arguments, overrides_from_args, resolve, to_dict
 from model_training.data import (
     EcgLabWindows,

@@ -1,7 +1,7 @@
 """``ecglab export --run RUN --out DIR``: a trained, evaluated run → ONNX model + manifest.
 
 Writes ``DIR/ecglab-<version>.onnx`` and ``DIR/ecglab-<version>.manifest.json``, the contract the
-service reads (:mod:`cds_service.manifest`). The S4 kernels are fixed once training ends, so the
+service reads (:mod:`fhir_mappings.manifest`). The S4 kernels are fixed once training ends, so the
 graph is the precomputed, chunked-scan form of :mod:`model_training.s4_export`: standard ONNX
 operators only, dynamic batch axis, checked with ``onnx.checker`` (full check).
 
@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from cds_service import __version__
-from cds_service.errors import InputError
-from cds_service.manifest import MANIFEST_SUFFIX, TASK_HORIZON_MIN, Manifest, MetadataSpec, sha256_file
 from fhir_mappings import MAPPING_VERSION, load_mappings
+from fhir_mappings.errors import InputError
+from fhir_mappings.manifest import MANIFEST_SUFFIX, Manifest, MetadataSpec, sha256_file
+from fhir_mappings.tasks import TASK_HORIZON_MIN
 from model_training.data import parse_target
 from model_training.model import FusionModel
 from model_training.s4_export import ONNX_PARITY_ATOL, PARITY_BATCH_SIZES, export_onnx, random_inputs
@@ -151,7 +152,7 @@ def _real_windows(
     """First window of up to 64 validation records of the data set, encoded as in training."""
     import pandas as pd
 
-    from cds_service.inference import encode_metadata
+    from fhir_mappings.metadata_encoding import encode_metadata
     from model_training.data import CATEGORICAL, CONTINUOUS
 
     try:
@@ -220,7 +221,7 @@ def build_manifest(
     data_dir: Path,
     parity: dict[str, float],
 ) -> dict[str, Any]:
-    """The manifest dictionary (see :class:`cds_service.manifest.Manifest` for the schema)."""
+    """The manifest dictionary (see :class:`fhir_mappings.manifest.Manifest` for the schema)."""
     import onnx
     import onnxruntime
 

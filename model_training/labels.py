@@ -41,12 +41,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fhir_mappings.tasks import TASKS
 from model_training.mimic_tables import execute, read_csv_sql, sql_name, sql_string
 
 logger = logging.getLogger(__name__)
 
-TASKS: tuple[str, ...] = ("est", "mon30", "mon60", "mon120")
-"""Task suffixes in label-vector order: estimation, then monitoring at 30, 60 and 120 minutes."""
 
 HORIZON_MIN: dict[str, int] = {"mon30": 30, "mon60": 60, "mon120": 120}
 """Forecast horizon of each monitoring task, minutes after the ECG."""

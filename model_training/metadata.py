@@ -37,7 +37,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from cds_service.errors import ConfigError, InputError
+from fhir_mappings.errors import ConfigError, InputError
 from model_training.mimic_tables import COLUMNS, execute, read_csv_sql, sql_name, sql_string
 
 METADATA_COLUMNS: tuple[str, ...] = (

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cds_service.errors import InputError
+from fhir_mappings.errors import InputError
 
 HOSP_TABLES: tuple[str, ...] = ("labevents", "d_labitems", "patients", "admissions", "omr")
 ED_TABLES: tuple[str, ...] = ("edstays", "vitalsign")

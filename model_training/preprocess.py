@@ -46,8 +46,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from cds_service import __version__
-from cds_service.errors import InputError
-from cds_service.signal import MODEL_LEADS, TARGET_FS, TARGET_SAMPLES
+from fhir_mappings.errors import InputError
+from fhir_mappings.signal_spec import MODEL_LEADS, TARGET_FS, TARGET_SAMPLES
 from model_training import labels as lab
 from model_training import waveforms
 from model_training.metadata import METADATA_COLUMNS, build_metadata

@@ -111,11 +111,11 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from cds_service.errors import InputError
+from fhir_mappings.errors import InputError
+from fhir_mappings.tasks import TASKS
 from model_training.synth_waveforms import N_SAMPLES, EcgParams, RecordTask, write_record
 
 MIN_SUBJECTS = 20
-TASKS: tuple[str, ...] = ("est", "mon30", "mon60", "mon120")
 
 HOSP_DIR = Path("mimic-iv/3.1/hosp")
 ED_DIR = Path("mimic-iv-ed/2.2/ed")

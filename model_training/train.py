@@ -46,9 +46,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from cds_service import __version__
-from cds_service.errors import ConfigError, InputError
-from cds_service.manifest import MetadataSpec
-from cds_service.signal import MODEL_LEADS, TARGET_FS
+from fhir_mappings.errors import ConfigError, InputError
+from fhir_mappings.manifest import MetadataSpec
+from fhir_mappings.signal_spec import MODEL_LEADS, TARGET_FS
 from model_training.config import (
     TrainConfig,
     add_config_arguments,

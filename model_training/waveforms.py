@@ -24,8 +24,9 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from cds_service.errors import InputError
-from cds_service.signal import MODEL_LEADS, TARGET_SAMPLES, EcgError, prepare_ecg_batch
+from cds_service.signal import EcgError, prepare_ecg_batch
+from fhir_mappings.errors import InputError
+from fhir_mappings.signal_spec import MODEL_LEADS, TARGET_SAMPLES
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from cds_service.manifest import sha256_file
-from cds_service.signal import MODEL_LEADS
 from fhir_mappings import load_mappings
+from fhir_mappings.manifest import sha256_file
+from fhir_mappings.signal_spec import MODEL_LEADS
 
 CONTINUOUS = list(load_mappings().continuous_keys)
 INDICATORS = list(load_mappings().missing_indicator_keys)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cds_service.manifest import find_manifest
+from fhir_mappings.manifest import find_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SEKMET = REPO / ".venv-fhir" / "bin" / "sekmet"

@@ -29,7 +29,7 @@ from cds_service.demo_page import (
     outcome_text,
     patient_summary,
 )
-from cds_service.signal import MODEL_LEADS
+from fhir_mappings.signal_spec import MODEL_LEADS
 from tests.browser import DEMO_FHIR, DemoWorld, build_demo_app, demo_world, dispose_app
 from tests.service_fixtures import MockFhir
 

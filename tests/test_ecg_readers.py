@@ -32,7 +32,8 @@ from cds_service.ecg_readers import (
     read_wfdb_zip,
     to_model_leads,
 )
-from cds_service.signal import MODEL_LEADS, canonical_lead
+from cds_service.signal import canonical_lead
+from fhir_mappings.signal_spec import MODEL_LEADS
 
 DATA = Path(__file__).parent / "data" / "ecg"
 TEACHING_XML = DATA / "guangxi_teaching_sinus_rhythm.xml"

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from cds_service.cli import main
-from cds_service.inference import ModelRuntime, encode_metadata
-from cds_service.manifest import Manifest, MetadataSpec, load_manifest
+from cds_service.inference import ModelRuntime
 from fhir_mappings import MAPPING_VERSION
+from fhir_mappings.manifest import Manifest, MetadataSpec, load_manifest
+from fhir_mappings.metadata_encoding import encode_metadata
 from model_training.model import FusionModel
 from model_training.train import load_checkpoint
 from tests.test_training import train_cli, write_tiny_dataset

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cds_service.errors import EcglabError
 from cds_service.features import (
     EcgRejected,
     ModelInputs,
@@ -28,8 +27,10 @@ from cds_service.features import (
 )
 from cds_service.fhir_client import FhirTooLarge
 from cds_service.seed import Carrier, Recording, ecg_resources
-from cds_service.signal import MODEL_LEADS, prepare_ecg
+from cds_service.signal import prepare_ecg
 from fhir_mappings import load_mappings
+from fhir_mappings.errors import EcglabError
+from fhir_mappings.signal_spec import MODEL_LEADS
 
 EXAMPLES = Path(__file__).parent / "data" / "fhir"
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)

@@ -19,7 +19,6 @@ from typing import Any
 import httpx
 import pytest
 
-from cds_service.errors import InputError
 from cds_service.fhir_client import (
     FhirClient,
     FhirConnectionError,
@@ -34,6 +33,7 @@ from cds_service.fhir_client import (
     build_queries,
 )
 from fhir_mappings import load_mappings
+from fhir_mappings.errors import InputError
 
 BASE = "https://ehr.example.org/fhir"
 TOKEN = "s3cr3t-T0KEN-value"

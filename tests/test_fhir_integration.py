@@ -296,8 +296,8 @@ def test_seed_reports_rejected_transactions(
     subjects: list[Subject], mappings: Any, answer: httpx.Response, expected: str
 ) -> None:
     """A 4xx transaction, or a non-atomic server failing some entries, is an InputError naming URL and patient."""
-    from cds_service.errors import InputError
     from cds_service.seed import seed
+    from fhir_mappings.errors import InputError
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/metadata"):

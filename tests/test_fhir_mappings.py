@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import yaml
 
-from cds_service.errors import ConfigError
 from fhir_mappings import (
     DEFAULT_DIR,
     MAPPING_VERSION,
@@ -27,6 +26,7 @@ from fhir_mappings import (
     is_valid_loinc,
     load_mappings,
 )
+from fhir_mappings.errors import ConfigError
 from fhir_mappings.schema import CDC_RACE_SYSTEM, LOINC_SYSTEM, MDC_SYSTEMS, loinc_check_digit
 
 TABLES = Path(__file__).parent / "data" / "code_tables"
@@ -549,7 +549,7 @@ def test_ecg_lead_order_is_the_model_order(m: Mappings) -> None:
 
 def test_ecg_lead_order_matches_the_signal_module(m: Mappings) -> None:
     """fhir_mappings and cds_service.signal agree on the model's lead order (one contract, brief)."""
-    from cds_service.signal import MODEL_LEADS
+    from fhir_mappings.signal_spec import MODEL_LEADS
 
     assert tuple(m.ecg.lead_order) == tuple(MODEL_LEADS)
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from cds_service import inference
-from cds_service.inference import ModelRuntime, choose_providers, encode_metadata
-from cds_service.manifest import ManifestError, find_manifest, load_manifest
-from cds_service.signal import MODEL_LEADS
+from cds_service.inference import ModelRuntime, choose_providers
+from fhir_mappings.manifest import ManifestError, find_manifest, load_manifest
+from fhir_mappings.metadata_encoding import encode_metadata
+from fhir_mappings.signal_spec import MODEL_LEADS
 from tests.onnx_fixtures import LABELS, MEDIANS, build_toy_model_dir, toy_probabilities
 
 MIMIC_ORDER = ("I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6")
@@ -66,7 +67,7 @@ def test_corrupted_onnx_with_matching_hash_refuses(model_dir: Path) -> None:
     onnx_file = next(model_dir.glob("*.onnx"))
     onnx_file.write_bytes(b"not an onnx model")
     raw = json.loads(manifest_path.read_text())
-    from cds_service.manifest import sha256_file
+    from fhir_mappings.manifest import sha256_file
 
     raw["onnx"]["sha256"] = sha256_file(onnx_file)
     manifest_path.write_text(json.dumps(raw))

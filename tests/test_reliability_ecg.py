@@ -50,8 +50,9 @@ from flask import Flask
 
 from cds_service.app import create_app
 from cds_service.inference import ModelRuntime, TargetPrediction
-from cds_service.signal import MODEL_LEADS, prepare_ecg
+from cds_service.signal import prepare_ecg
 from fhir_mappings import load_mappings
+from fhir_mappings.signal_spec import MODEL_LEADS
 from tests.figures import record_figure
 from tests.onnx_fixtures import build_toy_model_dir
 from tests.service_fixtures import LOINC, PATIENT_ID, clinical_record, hook_request, iso, prefetch_from

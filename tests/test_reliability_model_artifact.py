@@ -1,6 +1,6 @@
 """Model artifact: a damaged or mismatched model stops the service at start-up with one clear line.
 
-The manifest is the contract between export and service (``cds_service.manifest``): the ONNX
+The manifest is the contract between export and service (``fhir_mappings.manifest``): the ONNX
 file's SHA-256, the ``fhir_mappings`` version the features were encoded with, the graph's inputs.
 A service that started anyway would serve wrong probabilities (other mappings) or crash on every
 call (an unreadable graph), so both ``ecglab serve --check`` — the master's preflight, which this
@@ -21,8 +21,8 @@ import pytest
 
 from cds_service.app import create_app
 from cds_service.cli import main
-from cds_service.errors import ConfigError
-from cds_service.manifest import sha256_file
+from fhir_mappings.errors import ConfigError
+from fhir_mappings.manifest import sha256_file
 from tests.onnx_fixtures import build_toy_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent

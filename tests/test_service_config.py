@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from cds_service.cli import main
-from cds_service.errors import ConfigError
 from cds_service.issuers import load_issuers
 from cds_service.settings import Settings, default_model_dir, describe_settings
+from fhir_mappings.errors import ConfigError
 from tests.service_fixtures import FakeRuntime
 
 REQUIRED = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cds_service.errors import InputError
 from cds_service.signal import (
     MODEL_LEADS,
     TARGET_FS,
@@ -14,6 +13,7 @@ from cds_service.signal import (
     prepare_ecg,
     prepare_ecg_batch,
 )
+from fhir_mappings.errors import InputError
 
 MIMIC_ORDER = ["I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6"]
 

@@ -19,7 +19,7 @@ import wfdb
 from scipy.signal import butter, find_peaks, sosfiltfilt
 
 from cds_service.cli import main
-from cds_service.errors import InputError
+from fhir_mappings.errors import InputError
 from model_training import synthetic
 from model_training.synth_waveforms import STORED_LEADS
 

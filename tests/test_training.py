@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from cds_service.cli import main
-from cds_service.errors import ConfigError, InputError
+from fhir_mappings.errors import ConfigError, InputError
 from model_training.config import TrainConfig, apply_overrides, load_config_file, resolve
 from model_training.data import (
     CONTINUOUS,

@@ -21,11 +21,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cds_service.errors import ConfigError
+from fhir_mappings.errors import ConfigError
+from fhir_mappings.tasks import TASK_HORIZON_MIN
 
 MANIFEST_FORMAT = 1
 MANIFEST_SUFFIX = ".manifest.json"
-TASK_HORIZON_MIN: dict[str, int] = {"est": 0, "mon30": 30, "mon60": 60, "mon120": 120}
 
 
 class ManifestError(ConfigError):
