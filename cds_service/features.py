@@ -51,7 +51,7 @@ import binascii
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -59,6 +59,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cds_service.ecg_readers import EcgRejected, Waveform, read_attachment, read_sampled_data, to_model_leads
+from cds_service.patient_data import PatientData
 from fhir_mappings.errors import EcglabError
 
 __all__ = [
@@ -85,17 +86,6 @@ UNPACK_FACTOR: int = 4
 """A zipped WFDB record may unpack to this many times ``max_attachment_bytes``."""
 
 GENDER_SYSTEM = "http://hl7.org/fhir/administrative-gender"
-
-
-@dataclass
-class PatientData:
-    """What prefetch or FHIR fetching yields for one hook call (plain FHIR JSON dicts)."""
-
-    patient: dict[str, Any] | None
-    observations: list[dict[str, Any]] = field(default_factory=list)
-    ecgs: list[dict[str, Any]] = field(default_factory=list)
-    lab_results: list[dict[str, Any]] = field(default_factory=list)
-    service_requests: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
