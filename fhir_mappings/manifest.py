@@ -131,6 +131,38 @@ class TrainingData(_Strict):
     details: dict[str, str | int | float | None] = {}
 
 
+#: Names a variant may not take: the exported graph itself is ``fp32``, and ``auto`` is a choice rule.
+RESERVED_VARIANT_NAMES = ("fp32", "auto")
+
+
+class VariantSpec(_Strict):
+    """A faster, approximate copy of the exported graph (e.g. ``int8``) beside the fp32 file.
+
+    Same inputs and outputs as ``onnx``; written by ``ecglab quantize``. ``parity`` holds
+    max |p_variant − p_fp32| on random and real inputs, ``accuracy`` the test-fold AUROC of both
+    and their differences, ``speed`` CPU latencies measured side by side when it was made, and
+    ``bounds`` the limits ``meets_bounds`` was judged against. The service's ``auto`` choice
+    takes only variants with ``meets_bounds`` true and a measured ``speedup_vs_fp32`` above 1.
+    """
+
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    precision: Literal["int8"]
+    method: str
+    created: str
+    calibration: dict[str, str | int | float | None] = {}
+    parity: dict[str, float] = {}
+    accuracy: dict[str, float | None] = {}
+    speed: dict[str, float] = {}
+    bounds: dict[str, float] = {}
+    meets_bounds: bool
+
+    @property
+    def speedup_vs_fp32(self) -> float | None:
+        """CPU latency of the fp32 graph over this variant's (one ECG), when it was measured."""
+        return self.speed.get("speedup_vs_fp32")
+
+
 class Manifest(_Strict):
     """The whole manifest; see the module docstring."""
 
@@ -148,6 +180,7 @@ class Manifest(_Strict):
     evaluation: dict[str, object] = {}
     parity: dict[str, float] = {}
     software: dict[str, str] = {}
+    variants: dict[str, VariantSpec] = {}
 
     @property
     def trained_on_synthetic(self) -> bool:
@@ -163,6 +196,11 @@ class Manifest(_Strict):
         out = self.onnx.outputs[0].shape if self.onnx.outputs else []
         if len(out) != 2 or out[1] != len(self.labels):
             raise ValueError(f"output shape {out} does not match {len(self.labels)} labels")
+        for name, variant in self.variants.items():
+            if name in RESERVED_VARIANT_NAMES or not name.isidentifier():
+                raise ValueError(f"variant name {name!r} is reserved or not a plain identifier")
+            if variant.file == self.onnx.file:
+                raise ValueError(f"variant {name!r} names the fp32 file {variant.file}")
         return self
 
 

@@ -27,7 +27,8 @@ from fhir_mappings import (
     load_mappings,
 )
 from fhir_mappings.errors import ConfigError
-from fhir_mappings.schema import CDC_RACE_SYSTEM, LOINC_SYSTEM, MDC_SYSTEMS, loinc_check_digit
+from fhir_mappings.leads import canonical_lead
+from fhir_mappings.schema_common import CDC_RACE_SYSTEM, LOINC_SYSTEM, MDC_SYSTEMS, loinc_check_digit
 
 TABLES = Path(__file__).parent / "data" / "code_tables"
 MODEL_ORDER = [
@@ -583,10 +584,29 @@ def test_lead_aliases_resolve(m: Mappings, name: str, lead: str) -> None:
     assert m.ecg.resolve_lead(name) == lead
 
 
-@pytest.mark.parametrize("name", ["-aVR", "+aVR", "V7", "MLII", "X", "", None])
+@pytest.mark.parametrize(
+    "name",
+    ["-aVR", "+aVR", "Lead -aVR", "aVR inverted", "MDC_ECG_LEAD_AVRneg", "V7", "V4R", "MLII", "X", "", None],
+)
 def test_inverted_or_foreign_leads_do_not_resolve(m: Mappings, name: str | None) -> None:
-    """Inverted aVR (Cabrera), extra leads and empty names are not model leads."""
+    """Inverted aVR (Cabrera, in any spelling), extra leads and empty names are not model leads."""
     assert m.ecg.resolve_lead(name) is None
+
+
+@pytest.mark.parametrize(
+    "name", ["-aVR", "Lead -aVR", "aVR inverted", "Lead II", "DIII", "131390", "2:62", "V4R"]
+)
+def test_resolve_lead_agrees_with_the_one_lead_resolver(m: Mappings, name: str) -> None:
+    """EcgSpec.resolve_lead is canonical_lead with ecg.yaml's names, keeping only upright leads (issue 13)."""
+    aliases = {
+        lead: [*m.ecg.lead_aliases[lead], m.ecg.mdc_lead_codes[lead].code, m.ecg.mdc_lead_codes[lead].display]
+        for lead in m.ecg.lead_order
+    }
+    match = canonical_lead(name, aliases)
+    expected = match.lead if match is not None and match.sign > 0 else None
+    assert m.ecg.resolve_lead(name) == expected
+    if name.endswith(("-aVR", "inverted")):
+        assert match == ("aVR", -1.0)  # the sign-aware resolver still knows which lead it is
 
 
 @pytest.mark.parametrize(
@@ -654,8 +674,9 @@ def test_attachment_content_types(m: Mappings, content_type: str | None, fmt: st
 
 
 def test_ecg_limits(m: Mappings) -> None:
-    """ECGs older than 24 h, larger than 10 MiB or shorter than one 2.5 s window are refused (method §2.2)."""
-    assert m.ecg.max_age_minutes == 24 * 60
+    """ECGs older than the longest task window (120 min), larger than 10 MiB or shorter than one 2.5 s
+    window are refused (method §2.2, §2.4)."""
+    assert m.ecg.max_age_minutes == 120
     assert m.ecg.max_attachment_bytes == 10 * 1024 * 1024
     assert m.ecg.min_duration_s == 2.5
 
@@ -828,6 +849,16 @@ def test_signed_lead_alias_is_refused(broken: Path) -> None:
     _edit(broken, "ecg.yaml", lambda d: d["lead_aliases"]["aVR"].append("-aVR"))
     error = _error(broken)
     assert (error.entry, error.field) == ("lead_aliases 'aVR'", "[4]")
+
+
+@pytest.mark.parametrize(("lead", "alias"), [("aVR", "aVR inverted"), ("V4", "V4R"), ("V6", "V7")])
+def test_alias_that_is_another_signal_is_refused(broken: Path, lead: str, alias: str) -> None:
+    """An inverted spelling or a right-sided/posterior chest lead is no alias; the loader names it."""
+    _edit(broken, "ecg.yaml", lambda d: d["lead_aliases"][lead].append(alias))
+    error = _error(broken)
+    index = len(yaml.safe_load((DEFAULT_DIR / "ecg.yaml").read_text())["lead_aliases"][lead])
+    assert (error.file, error.entry, error.field) == ("ecg.yaml", f"lead_aliases '{lead}'", f"[{index}]")
+    assert alias in error.problem
 
 
 def test_wrong_lead_order_is_refused(broken: Path) -> None:
