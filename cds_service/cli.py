@@ -48,15 +48,29 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     ),
     Subcommand("export", "model_training.export", "export a trained run to ONNX with its manifest"),
     Subcommand(
+        "quantize", "model_training.quantize", "add an int8 variant of an exported model to its manifest"
+    ),
+    Subcommand(
         "score", "cds_service.score", "score a preprocessed data set or FHIR patients with an exported model"
     ),
     Subcommand(
         "seed-fhir",
-        "cds_service.seed",
+        "model_training.seed_fhir.command",
         "seed a FHIR server with demo patients, vitals, ECGs, labs and orders",
     ),
     Subcommand("serve", "cds_service.serve", "run the CDS Hooks service under gunicorn"),
     Subcommand("demo", "cds_service.demo", "start FHIR server + service, fire hooks and show the cards"),
+    Subcommand("audit", "cds_service.audit_cli", "export (CSV/Parquet) or purge the hook audit trail"),
+    Subcommand(
+        "monitor",
+        "cds_service.monitor.command",
+        "validate the deployed model locally: audit trail vs later lab results",
+    ),
+    Subcommand(
+        "recalibrate",
+        "cds_service.recalibrate",
+        "write a new model version with thresholds fitted on local data",
+    ),
 )
 
 
