@@ -1,9 +1,9 @@
 """MIMIC-IV-ECG WFDB records → the (N, 1000, 12) float32 waveform memmap, in parallel and resumable.
 
 Each record is read with ``wfdb.rdrecord``, its leads are matched by the header's signal names
-(never by position) and it goes through :func:`cds_service.signal.prepare_ecg_batch`, the same
-code the service runs (:func:`~cds_service.signal.prepare_ecg` is its batch of one, so the
-output is bit-identical).
+(never by position) and it goes through :func:`cds_service.ecg.prepare.prepare_ecg_batch`, the
+same code the service runs (:func:`~cds_service.ecg.prepare.prepare_ecg` is its batch of one, so
+the output is bit-identical).
 
 Resumability: the memmap is created once with :func:`numpy.lib.format.open_memmap`; a status file
 (``ecg_status.npy``, one byte per record: 0 to do, 1 done, ≥2 failed with a reason) is updated
@@ -24,7 +24,8 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from cds_service.signal import EcgError, prepare_ecg_batch
+from cds_service.ecg.prepare import prepare_ecg_batch
+from cds_service.ecg.record import EcgRejected
 from fhir_mappings.errors import InputError
 from fhir_mappings.signal_spec import MODEL_LEADS, TARGET_SAMPLES
 
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 PENDING, DONE = 0, 1
 FAILURE_REASONS: tuple[str, ...] = (
     "unreadable",
-    "bad_units",
+    "unknown_units",
     "bad_shape",
     "bad_fs",
     "missing_leads",
@@ -41,7 +42,8 @@ FAILURE_REASONS: tuple[str, ...] = (
     "non_finite",
     "too_short",
 )
-"""Status code ``2 + i`` means the record failed for ``FAILURE_REASONS[i]``."""
+"""Status code ``2 + i`` means the record failed for ``FAILURE_REASONS[i]`` (reasons of
+:data:`cds_service.ecg.record.REASONS`; the order is part of the status file format)."""
 
 VOLT_FACTORS: dict[str, float] = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1000.0}
 """WFDB ``units`` (lower case) → factor to mV."""
@@ -59,7 +61,7 @@ def read_record(path: Path) -> tuple[np.ndarray, float, tuple[str, ...]]:
 
     Raises:
         InputError: when the header or a signal file is missing (named).
-        EcgError: ``unreadable`` for a corrupt record, ``bad_units`` for a non-voltage unit.
+        EcgRejected: ``unreadable`` for a corrupt record, ``unknown_units`` for a non-voltage unit.
     """
     import wfdb
 
@@ -68,16 +70,16 @@ def read_record(path: Path) -> tuple[np.ndarray, float, tuple[str, ...]]:
     except FileNotFoundError as exc:
         raise InputError(f"WFDB file not found: {exc.filename or path}") from exc
     except (OSError, ValueError, IndexError, TypeError) as exc:
-        raise EcgError("unreadable", f"{path}: cannot read WFDB record ({exc})") from exc
+        raise EcgRejected("unreadable", f"{path}: cannot read WFDB record ({exc})") from exc
     if record.p_signal is None or record.sig_name is None:
-        raise EcgError("unreadable", f"{path}: WFDB record has no physical signal")
+        raise EcgRejected("unreadable", f"{path}: WFDB record has no physical signal")
     signal = np.asarray(record.p_signal, dtype=np.float64)
     units = record.units or ["mV"] * signal.shape[1]
     factors = []
     for name, unit in zip(record.sig_name, units, strict=True):
         factor = VOLT_FACTORS.get(str(unit).strip().lower())
         if factor is None:
-            raise EcgError("bad_units", f"{path}: lead {name} is in {unit!r}, not a voltage")
+            raise EcgRejected("unknown_units", f"{path}: lead {name} is in {unit!r}, not a voltage")
         factors.append(factor)
     if any(f != 1.0 for f in factors):
         signal = signal * np.asarray(factors)
@@ -93,7 +95,7 @@ def _convert_chunk(job: tuple[str, str, list[tuple[int, str]]]) -> list[tuple[in
     for index, rel in items:
         try:
             signal, fs, names = read_record(Path(root) / rel)
-        except EcgError as exc:
+        except EcgRejected as exc:
             status[index] = _code(exc.reason)
             continue
         groups.setdefault((fs, signal.shape[0], names), []).append((index, signal))
@@ -101,13 +103,13 @@ def _convert_chunk(job: tuple[str, str, list[tuple[int, str]]]) -> list[tuple[in
         try:
             prepared = prepare_ecg_batch(np.stack([s for _, s in members]), fs, names)
             results = [(index, prepared[k], DONE) for k, (index, _) in enumerate(members)]
-        except EcgError:
+        except EcgRejected:
             # find the culprit(s): prepare one by one (same code path, batch of one)
             results = []
             for index, signal in members:
                 try:
                     results.append((index, prepare_ecg_batch(signal[np.newaxis], fs, names)[0], DONE))
-                except EcgError as exc:
+                except EcgRejected as exc:
                     results.append(
                         (
                             index,

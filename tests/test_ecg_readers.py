@@ -1,7 +1,9 @@
-"""ECG carrier readers: each format decodes to (signal mV, fs, lead names), and each defect has a reason.
+"""ECG readers: each format decodes to one EcgRecording (mV, fs, names as stored); each defect has a reason.
 
 The real recording is the MIT-licensed GE MUSE teaching ECG vendored from ecg2dcm 1.3.1
-(``tests/data/ecg/ATTRIBUTION.md``): the same 10 s, 500 Hz strip as MUSE XML and as DICOM.
+(``tests/data/ecg/ATTRIBUTION.md``): the same 10 s, 500 Hz strip as MUSE XML and as DICOM. The
+registry (:mod:`cds_service.ecg.readers`) picks the reader from the content, never the MIME type
+alone, and turns any reader failure into a rejection.
 """
 
 from __future__ import annotations
@@ -16,24 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cds_service.ecg_readers import (
-    LIMB_WEIGHTS,
-    EcgRejected,
-    Waveform,
-    derive_leads,
-    encode_dicom,
-    encode_muse_xml,
-    encode_sampled_data,
-    encode_wfdb_zip,
-    read_attachment,
-    read_dicom,
-    read_muse_xml,
-    read_sampled_data,
-    read_wfdb_zip,
-    to_model_leads,
-)
-from cds_service.signal import canonical_lead
+from cds_service.ecg.canonical import to_model_leads
+from cds_service.ecg.readers import FORMATS, detect_format, dicom, muse, read_file, wfdb
+from cds_service.ecg.readers.sampled_data import read_components
+from cds_service.ecg.record import EcgRecording, EcgRejected, ReadLimits
+from fhir_mappings.leads import canonical_lead
 from fhir_mappings.signal_spec import MODEL_LEADS
+from model_training.ecg_writers import encode_dicom, encode_muse_xml, encode_sampled_data, encode_wfdb_zip
 
 DATA = Path(__file__).parent / "data" / "ecg"
 TEACHING_XML = DATA / "guangxi_teaching_sinus_rhythm.xml"
@@ -41,9 +32,10 @@ TEACHING_DCM = DATA / "guangxi_teaching_sinus_rhythm.dcm"
 MUSE_LSB_MV = 4.88e-3  # LeadAmplitudeUnitsPerBit of the teaching file, in mV
 STORED = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")
 DICOM_ORDER = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+LIMITS = ReadLimits()
 
 
-def _lead(w: Waveform, name: str) -> np.ndarray:
+def _lead(w: EcgRecording, name: str) -> np.ndarray:
     return w.signal[:, w.lead_names.index(name)].astype(np.float64)
 
 
@@ -56,27 +48,28 @@ def _digital(seed: int = 0, n: int = 5000) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def teaching_xml() -> Waveform:
-    return read_muse_xml(TEACHING_XML.read_bytes())
+def teaching_xml() -> EcgRecording:
+    return muse.read(TEACHING_XML.read_bytes(), LIMITS)
 
 
 @pytest.fixture(scope="module")
-def teaching_dcm() -> Waveform:
-    return read_dicom(TEACHING_DCM.read_bytes())
+def teaching_dcm() -> EcgRecording:
+    return dicom.read(TEACHING_DCM.read_bytes(), LIMITS)
 
 
 # --------------------------------------------------------------------------- real teaching ECG
 
 
-def test_muse_xml_rhythm_strip_is_500hz_10s_with_12_leads(teaching_xml: Waveform) -> None:
-    """MUSE XML: the Rhythm waveform (not the 1.2 s median beat), 500 Hz × 10 s, 8 stored + 4 derived leads."""
+def test_muse_xml_rhythm_strip_is_500hz_10s_with_its_8_stored_leads(teaching_xml: EcgRecording) -> None:
+    """MUSE XML: the Rhythm waveform (not the 1.2 s median beat), 500 Hz × 10 s, the 8 leads it stores."""
     assert teaching_xml.fs == 500.0
-    assert teaching_xml.signal.shape == (5000, 12)
-    assert teaching_xml.lead_names == (*STORED, "III", "aVR", "aVL", "aVF")
+    assert teaching_xml.signal.shape == (5000, 8)
+    assert teaching_xml.lead_names == STORED
     assert teaching_xml.signal.dtype == np.float32
+    assert teaching_xml.source_format == "muse-xml" and teaching_xml.source_units == ("MICROVOLTS",) * 8
 
 
-def test_muse_xml_amplitudes_are_millivolts(teaching_xml: Waveform) -> None:
+def test_muse_xml_amplitudes_are_millivolts(teaching_xml: EcgRecording) -> None:
     """Units: MICROVOLTS × LeadAmplitudeUnitsPerBit → mV; a real QRS peaks at about 0.5–3 mV, not µV."""
     peak = np.abs(_lead(teaching_xml, "II")).max()
     assert 0.5 < peak < 3.0
@@ -91,23 +84,26 @@ def test_muse_xml_amplitudes_are_millivolts(teaching_xml: Waveform) -> None:
     )
 
 
-def test_muse_xml_derives_limb_leads_by_einthoven_and_goldberger(teaching_xml: Waveform) -> None:
+def test_muse_xml_limb_leads_derive_by_einthoven_and_goldberger(teaching_xml: EcgRecording) -> None:
     """MUSE stores I, II, V1–V6: III = II − I, aVR = −(I+II)/2, aVL = I − II/2, aVF = II − I/2."""
-    one, two = _lead(teaching_xml, "I"), _lead(teaching_xml, "II")
-    np.testing.assert_allclose(_lead(teaching_xml, "III"), two - one, atol=1e-6)
-    np.testing.assert_allclose(_lead(teaching_xml, "aVR"), -(one + two) / 2, atol=1e-6)
-    np.testing.assert_allclose(_lead(teaching_xml, "aVL"), one - two / 2, atol=1e-6)
-    np.testing.assert_allclose(_lead(teaching_xml, "aVF"), two - one / 2, atol=1e-6)
+    full = to_model_leads(teaching_xml)
+    assert full.lead_names == MODEL_LEADS
+    one, two = _lead(full, "I"), _lead(full, "II")
+    np.testing.assert_allclose(_lead(full, "III"), two - one, atol=1e-6)
+    np.testing.assert_allclose(_lead(full, "aVR"), -(one + two) / 2, atol=1e-6)
+    np.testing.assert_allclose(_lead(full, "aVL"), one - two / 2, atol=1e-6)
+    np.testing.assert_allclose(_lead(full, "aVF"), two - one / 2, atol=1e-6)
 
 
-def test_dicom_reads_rhythm_group_with_mdc_lead_codes(teaching_dcm: Waveform) -> None:
+def test_dicom_reads_rhythm_group_with_mdc_lead_codes(teaching_dcm: EcgRecording) -> None:
     """DICOM: the RHYTHM multiplex group (5000 samples), leads named from MDC codes 2:1… in file order."""
     assert teaching_dcm.fs == 500.0
     assert teaching_dcm.signal.shape == (5000, 12)
     assert teaching_dcm.lead_names == DICOM_ORDER
+    assert teaching_dcm.source_format == "dicom"
 
 
-def test_dicom_stored_limb_leads_obey_einthoven(teaching_dcm: Waveform) -> None:
+def test_dicom_stored_limb_leads_obey_einthoven(teaching_dcm: EcgRecording) -> None:
     """Einthoven's law on the stored (independently quantised) DICOM channels: III − (II − I) ≈ 0."""
     residual = _lead(teaching_dcm, "III") - (_lead(teaching_dcm, "II") - _lead(teaching_dcm, "I"))
     assert np.abs(residual).max() <= MUSE_LSB_MV + 1e-6
@@ -116,14 +112,13 @@ def test_dicom_stored_limb_leads_obey_einthoven(teaching_dcm: Waveform) -> None:
 
 
 def test_xml_and_dicom_of_the_same_ecg_agree_within_quantisation(
-    teaching_xml: Waveform, teaching_dcm: Waveform
+    teaching_xml: EcgRecording, teaching_dcm: EcgRecording
 ) -> None:
     """Same recording, two carriers: stored leads bit-equal, derived leads within one LSB (4.88 µV)."""
+    xml, dcm = to_model_leads(teaching_xml), to_model_leads(teaching_dcm)
     for lead in MODEL_LEADS:
         tol = 1e-6 if lead in STORED else MUSE_LSB_MV
-        np.testing.assert_allclose(
-            _lead(teaching_xml, lead), _lead(teaching_dcm, lead), atol=tol, err_msg=lead
-        )
+        np.testing.assert_allclose(_lead(xml, lead), _lead(dcm, lead), atol=tol, err_msg=lead)
 
 
 # --------------------------------------------------------------------------- MUSE defects
@@ -133,7 +128,7 @@ def test_muse_xml_with_entity_declaration_is_refused() -> None:
     """XML safety: a document declaring entities (billion laughs, XXE) is refused unparsed."""
     bomb = b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaa">]><RestingECG>&a;</RestingECG>'
     with pytest.raises(EcgRejected) as info:
-        read_muse_xml(bomb)
+        muse.read(bomb, LIMITS)
     assert info.value.reason == "unsafe_xml"
 
 
@@ -147,7 +142,7 @@ def test_muse_xml_with_entity_declaration_is_refused() -> None:
 def test_muse_xml_malformed_documents_are_named(payload: bytes, reason: str) -> None:
     """A non-XML body and an export with only a median beat are rejected with their reason."""
     with pytest.raises(EcgRejected) as info:
-        read_muse_xml(payload)
+        muse.read(payload, LIMITS)
     assert info.value.reason == reason
 
 
@@ -155,7 +150,7 @@ def test_muse_xml_unknown_amplitude_units_are_rejected() -> None:
     """Units are never guessed: LeadAmplitudeUnits other than MICRO/MILLIVOLTS → unknown_units."""
     doc = encode_muse_xml(_digital()[:, :8], 4.88, 500, STORED).replace(b"MICROVOLTS", b"FURLONGS", 1)
     with pytest.raises(EcgRejected) as info:
-        read_muse_xml(doc)
+        muse.read(doc, LIMITS)
     assert info.value.reason == "unknown_units"
 
 
@@ -165,15 +160,15 @@ def test_muse_xml_bad_base64_is_unreadable() -> None:
     start = doc.index(b"<WaveFormData>") + len(b"<WaveFormData>")
     broken = doc[:start] + b"!!!" + doc[start + 3 :]
     with pytest.raises(EcgRejected) as info:
-        read_muse_xml(broken)
+        muse.read(broken, LIMITS)
     assert info.value.reason == "unreadable"
 
 
 def test_muse_xml_round_trip() -> None:
     """The MUSE writer and reader agree: int16 × 4.88 µV back in mV."""
     digital = _digital()[:, :8]
-    w = read_muse_xml(encode_muse_xml(digital, 4.88, 500, STORED))
-    np.testing.assert_allclose(w.signal[:, :8], digital * 4.88e-3, atol=1e-6)
+    w = muse.read(encode_muse_xml(digital, 4.88, 500, STORED), LIMITS)
+    np.testing.assert_allclose(w.signal, digital * 4.88e-3, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- DICOM defects and round trip
@@ -182,7 +177,7 @@ def test_muse_xml_round_trip() -> None:
 def test_dicom_round_trip_keeps_samples_and_names() -> None:
     """The DICOM writer and reader agree on samples (µV × correction → mV), rate and lead names."""
     digital = _digital(1)
-    w = read_dicom(encode_dicom(digital, 5.0, 500, DICOM_ORDER, acquired="20250101120000"))
+    w = dicom.read(encode_dicom(digital, 5.0, 500, DICOM_ORDER, acquired="20250101120000"), LIMITS)
     assert w.lead_names == DICOM_ORDER and w.fs == 500.0
     np.testing.assert_allclose(w.signal, digital * 5e-3, atol=1e-6)
 
@@ -190,7 +185,7 @@ def test_dicom_round_trip_keeps_samples_and_names() -> None:
 def test_dicom_garbage_is_unreadable() -> None:
     """Bytes that are not DICOM → unreadable."""
     with pytest.raises(EcgRejected) as info:
-        read_dicom(b"\x00" * 200)
+        dicom.read(b"\x00" * 200, LIMITS)
     assert info.value.reason == "unreadable"
 
 
@@ -209,8 +204,16 @@ def test_dicom_without_waveform_is_rejected() -> None:
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     with pytest.raises(EcgRejected) as info:
-        read_dicom(out.getvalue())
+        dicom.read(out.getvalue(), LIMITS)
     assert info.value.reason == "no_waveform"
+
+
+def test_dicom_longer_than_the_limit_is_refused_before_decoding() -> None:
+    """A waveform declaring more seconds than ReadLimits.max_seconds → too_long."""
+    data = encode_dicom(_digital(1), 5.0, 500, DICOM_ORDER, acquired="20250101120000")
+    with pytest.raises(EcgRejected) as info:
+        dicom.read(data, ReadLimits(max_seconds=5.0))
+    assert info.value.reason == "too_long"
 
 
 # --------------------------------------------------------------------------- WFDB zip
@@ -220,8 +223,8 @@ def test_wfdb_zip_round_trip() -> None:
     """WFDB format 16 at 200 units/mV: written with wfdb, read back as the same mV values."""
     digital = _digital(2)
     names = ("I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6")  # MIMIC-IV-ECG order
-    w = read_wfdb_zip(encode_wfdb_zip(digital, 200.0, 500, names, "40689238"), 10**7)
-    assert w.lead_names == names and w.fs == 500.0
+    w = wfdb.read(encode_wfdb_zip(digital, 200.0, 500, names, "40689238"), LIMITS)
+    assert w.lead_names == names and w.fs == 500.0 and w.source_format == "wfdb-zip"
     np.testing.assert_allclose(w.signal, digital / 200.0, atol=1e-6)
 
 
@@ -232,14 +235,21 @@ def test_wfdb_zip_member_folders_are_flattened() -> None:
     with zipfile.ZipFile(out, "w") as z:
         for name in inner.namelist():
             z.writestr(f"../../files/p1000/{name}", inner.read(name))
-    assert read_wfdb_zip(out.getvalue(), 10**7).signal.shape == (5000, 12)
+    assert wfdb.read(out.getvalue(), LIMITS).signal.shape == (5000, 12)
 
 
 def test_wfdb_zip_bomb_is_refused_before_unpacking() -> None:
-    """The declared unpacked size is checked against the limit first (attachment_too_large)."""
+    """The declared unpacked size, and each member's inflation ratio, are checked first (attachment_too_large)."""
     data = encode_wfdb_zip(_digital(4), 200.0, 500, MODEL_LEADS, "rec")
     with pytest.raises(EcgRejected) as info:
-        read_wfdb_zip(data, 1000)
+        wfdb.read(data, ReadLimits(max_unpacked_bytes=1000))
+    assert info.value.reason == "attachment_too_large"
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("rec.hea", b"rec 1 500 10\nrec.dat 16 200 16 0 0 0 0 I\n")
+        z.writestr("rec.dat", b"\x00" * 1_000_000)  # inflates ~1000x
+    with pytest.raises(EcgRejected) as info:
+        wfdb.read(out.getvalue(), LIMITS)
     assert info.value.reason == "attachment_too_large"
 
 
@@ -259,14 +269,14 @@ def test_wfdb_zip_incomplete_records_are_unreadable(members: dict[str, bytes], r
         for name, content in members.items():
             z.writestr(name, content)
     with pytest.raises(EcgRejected) as info:
-        read_wfdb_zip(out.getvalue(), 10**7)
+        wfdb.read(out.getvalue(), LIMITS)
     assert info.value.reason == reason
 
 
 def test_wfdb_not_a_zip_is_unreadable() -> None:
     """Bytes that are not a zip → unreadable."""
     with pytest.raises(EcgRejected) as info:
-        read_wfdb_zip(b"PK-not-really", 10**7)
+        wfdb.read(b"PK-not-really", LIMITS)
     assert info.value.reason == "unreadable"
 
 
@@ -279,7 +289,7 @@ def _component(name: str, sampled: dict[str, object]) -> dict[str, object]:
 
 def _lead_of(code: Mapping[str, Any]) -> str | None:
     text = code.get("text")
-    return canonical_lead(text) if isinstance(text, str) else None
+    return text if isinstance(text, str) and canonical_lead(text) is not None else None
 
 
 def test_sampled_data_scaling_origin_factor_period() -> None:
@@ -291,25 +301,25 @@ def test_sampled_data_scaling_origin_factor_period() -> None:
         "dimensions": 1,
         "data": "0 4 -4",
     }
-    w = read_sampled_data([_component("I", sampled)], _lead_of)
-    assert w.fs == 500.0 and w.lead_names == ("I",)
+    w = read_components([_component("I", sampled)], _lead_of, LIMITS)
+    assert w.fs == 500.0 and w.lead_names == ("I",) and w.source_format == "sampled-data"
     np.testing.assert_allclose(w.signal[:, 0], [0.010, 0.020, 0.000], atol=1e-7)
 
 
 def test_sampled_data_markers_become_nan() -> None:
     """The SampledData markers E (error), L (below limit), U (above limit) become NaN samples."""
     sampled = {"origin": {"value": 0, "code": "mV"}, "period": 2, "data": "1 E 2 L U 3"}
-    w = read_sampled_data([_component("II", sampled)], _lead_of)
+    w = read_components([_component("II", sampled)], _lead_of, LIMITS)
     assert np.isnan(w.signal[:, 0]).tolist() == [False, True, False, True, True, False]
 
 
 def test_sampled_data_round_trip_with_writer() -> None:
-    """encode_sampled_data writes what read_sampled_data reads back (12 leads, µV integers)."""
+    """encode_sampled_data writes what the sampled-data reader reads back (12 leads, µV integers)."""
     digital = _digital(5)
     components = [
         _component(n, s) for n, s in zip(MODEL_LEADS, encode_sampled_data(digital, 5.0, 500), strict=True)
     ]
-    w = read_sampled_data(components, _lead_of)
+    w = read_components(components, _lead_of, LIMITS)
     assert w.lead_names == MODEL_LEADS and w.fs == 500.0
     np.testing.assert_allclose(w.signal, digital * 5e-3, atol=1e-6)
 
@@ -375,57 +385,70 @@ def test_sampled_data_round_trip_with_writer() -> None:
 def test_sampled_data_defects_have_reasons(components: list[dict[str, object]], reason: str) -> None:
     """Malformed SampledData is rejected with a named reason, never a crash."""
     with pytest.raises(EcgRejected) as info:
-        read_sampled_data(components, _lead_of)
+        read_components(components, _lead_of, LIMITS)
     assert info.value.reason == reason
 
 
-# --------------------------------------------------------------------------- dispatch and leads
+# --------------------------------------------------------------------------- the registry
 
 
-def test_read_attachment_unknown_format() -> None:
-    """A format the mappings do not name → unknown_content_type."""
+def _files() -> dict[str, bytes]:
+    digital = _digital(8)
+    return {
+        "dicom": encode_dicom(digital, 5.0, 500, DICOM_ORDER, acquired="20250101120000"),
+        "wfdb-zip": encode_wfdb_zip(digital, 200.0, 500, DICOM_ORDER, "rec"),
+        "muse-xml": encode_muse_xml(digital[:, :8], 4.88, 500, STORED),
+    }
+
+
+def test_formats_are_detected_from_content() -> None:
+    """Each writer's output is recognised by exactly its reader; other bytes by none."""
+    files = _files()
+    assert set(files) <= set(FORMATS)
+    for fmt, data in files.items():
+        assert detect_format(data) == fmt
+        assert [name for name, module in FORMATS.items() if module.sniff(data)] == [fmt]
+    assert detect_format(b"%PDF-1.4 not an ECG") is None
+    assert detect_format(b"") is None
+    assert detect_format(TEACHING_XML.read_bytes()) == "muse-xml"
+    assert detect_format(TEACHING_DCM.read_bytes()) == "dicom"
+
+
+@pytest.mark.parametrize("wrong_hint", ["muse-xml", "wfdb-zip", "pdf", None])
+def test_read_file_ignores_a_wrong_content_type_hint(wrong_hint: str | None) -> None:
+    """A DICOM file labelled as XML, zip, PDF or nothing is still read as DICOM: content decides."""
+    w = read_file(_files()["dicom"], LIMITS, wrong_hint)
+    assert w.source_format == "dicom" and w.lead_names == DICOM_ORDER
+
+
+def test_read_file_uses_the_hint_only_for_unrecognised_bytes() -> None:
+    """Bytes no reader recognises: read with the hinted reader (its reason), else unknown_content_type."""
     with pytest.raises(EcgRejected) as info:
-        read_attachment(b"%PDF-1.4", "pdf", max_unpacked_bytes=10**6)
+        read_file(b"%PDF-1.4", LIMITS, "pdf")
     assert info.value.reason == "unknown_content_type"
-
-
-def test_to_model_leads_orders_and_derives_missing_limb_leads() -> None:
-    """8 leads in any order and spelling → the 12 model leads in model order, limb leads derived."""
-    digital = _digital(6)[:, :8] / 100.0
-    names = ("Lead V6", "MDC_ECG_LEAD_I", "v1", "II", "V2", "V3", "V4", "V5")
-    w = to_model_leads(
-        Waveform(digital.astype(np.float32), 500.0, names), canonical_lead, MODEL_LEADS, min_duration_s=2.5
-    )
-    assert w.lead_names == MODEL_LEADS
-    np.testing.assert_allclose(w.signal[:, 0], digital[:, 1], atol=1e-6)  # I
-    np.testing.assert_allclose(w.signal[:, 7], digital[:, 0], atol=1e-6)  # V6
-    np.testing.assert_allclose(w.signal[:, 8], digital[:, 3] - digital[:, 1], atol=1e-5)  # III = II − I
-
-
-def test_derive_leads_keeps_recorded_leads() -> None:
-    """A limb lead that was recorded is kept as recorded, never overwritten by the derivation."""
-    signal = np.ones((10, 3), dtype=np.float32)
-    w = derive_leads(Waveform(signal, 500.0, ("I", "II", "III")), LIMB_WEIGHTS)
-    assert w.lead_names == ("I", "II", "III", "aVR", "aVL", "aVF")
-    assert np.all(w.signal[:, 2] == 1.0)
-
-
-@pytest.mark.parametrize(
-    ("names", "n", "nan_rows", "reason"),
-    [
-        (("I", "II", "V1", "V2", "V3", "V4", "V5"), 5000, 0, "missing_leads"),
-        (("I", "II", "V1", "V2", "V3", "V4", "V5", "V6", "lead I"), 5000, 0, "duplicate_leads"),
-        (("I", "II", "V1", "V2", "V3", "V4", "V5", "V6"), 1000, 0, "too_short"),
-        (("I", "II", "V1", "V2", "V3", "V4", "V5", "V6"), 5000, 1500, "too_many_missing"),
-    ],
-    ids=["no V6", "I twice", "2 s", "30% NaN"],
-)
-def test_to_model_leads_rejects_incomplete_recordings(
-    names: tuple[str, ...], n: int, nan_rows: int, reason: str
-) -> None:
-    """Missing or duplicate leads, a strip under the minimum and mostly-missing leads are rejected by name."""
-    signal = np.zeros((n, len(names)), dtype=np.float32)
-    signal[:nan_rows, 0] = np.nan
     with pytest.raises(EcgRejected) as info:
-        to_model_leads(Waveform(signal, 500.0, names), canonical_lead, MODEL_LEADS, min_duration_s=2.5)
-    assert info.value.reason == reason
+        read_file(b"\x00" * 200, LIMITS, "dicom")
+    assert info.value.reason == "unreadable"
+
+
+def test_read_file_refuses_files_over_the_byte_limit() -> None:
+    """More bytes than ReadLimits.max_bytes → attachment_too_large, before any reader runs."""
+    with pytest.raises(EcgRejected) as info:
+        read_file(_files()["dicom"], ReadLimits(max_bytes=1000))
+    assert info.value.reason == "attachment_too_large"
+
+
+@pytest.mark.parametrize("error", [RuntimeError("bug"), IndexError("list index"), MemoryError()])
+def test_a_reader_raising_unexpectedly_gives_unreadable(
+    monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    """A reader bug or a library error on hostile bytes is a rejected ECG (unreadable), never a 500."""
+
+    def broken(data: bytes, limits: ReadLimits) -> EcgRecording:
+        raise error
+
+    monkeypatch.setattr(FORMATS["dicom"], "read", broken)
+    with pytest.raises(EcgRejected) as info:
+        read_file(_files()["dicom"], LIMITS)
+    assert info.value.reason == "unreadable"
+    assert isinstance(info.value.__cause__, type(error))

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cds_service.ecg.prepare import prepare_ecg
 from cds_service.features import (
     EcgRejected,
     ModelInputs,
@@ -26,11 +27,10 @@ from cds_service.features import (
     parse_fhir_datetime,
 )
 from cds_service.fhir_client import FhirTooLarge
-from cds_service.seed import Carrier, Recording, ecg_resources
-from cds_service.signal import prepare_ecg
 from fhir_mappings import load_mappings
 from fhir_mappings.errors import EcglabError
 from fhir_mappings.signal_spec import MODEL_LEADS
+from model_training.seed_fhir import Carrier, Recording, ecg_resources
 
 EXAMPLES = Path(__file__).parent / "data" / "fhir"
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -415,7 +415,7 @@ def test_rule_bmi_computed_from_weight_and_height_when_absent(mappings: Any) -> 
 
 def test_rule_metadata_window_is_relative_to_the_ecg_not_now(mappings: Any) -> None:
     """The vital sign window centres on the chosen ECG's time (method §2.3), whatever ``now`` is."""
-    older_ecg = ECG_AT - timedelta(hours=5)
+    older_ecg = ECG_AT - timedelta(minutes=100)
     vital = _vital("8867-4", 61, "/min", older_ecg + timedelta(minutes=10))
     inputs = _inputs(mappings, [vital], ecgs=_ecg(mappings, OBS, at=older_ecg))
     assert inputs.ecg.recorded_at == older_ecg
@@ -451,7 +451,7 @@ def test_rule_each_carrier_decodes_to_model_leads(mappings: Any, carrier: Carrie
 
 
 def test_rule_ecg_record_is_what_the_runtime_prepares(mappings: Any) -> None:
-    """The EcgRecord feeds cds_service.signal.prepare_ecg directly: (1000, 12) float32 at 100 Hz."""
+    """The EcgRecord feeds cds_service.ecg.prepare.prepare_ecg directly: (1000, 12) float32 at 100 Hz."""
     ecg = _inputs(mappings).ecg
     prepared = prepare_ecg(ecg.signal, ecg.fs, ecg.lead_names)
     assert prepared.shape == (1000, 12) and prepared.dtype == np.float32
@@ -459,13 +459,13 @@ def test_rule_ecg_record_is_what_the_runtime_prepares(mappings: Any) -> None:
 
 def test_rule_newest_ecg_within_max_age_is_chosen(mappings: Any) -> None:
     """Several ECGs: the newest one not older than ecg.max_age_minutes is used."""
-    old = _ecg(mappings, MEDIA, at=NOW - timedelta(hours=3), rid="old", seed=1)
+    old = _ecg(mappings, MEDIA, at=NOW - timedelta(minutes=90), rid="old", seed=1)
     new = _ecg(mappings, OBS, at=NOW - timedelta(minutes=30), rid="new", seed=2)
     assert _inputs(mappings, ecgs=old + new).ecg.reference == "Observation/new"
 
 
 def test_rule_ecg_older_than_max_age_is_no_ecg(mappings: Any) -> None:
-    """An ECG older than max_age_minutes (24 h) is not used: NoEcgError (nothing to predict from)."""
+    """An ECG older than max_age_minutes (120 min) is not used: NoEcgError (nothing to predict from)."""
     too_old = _ecg(mappings, OBS, at=NOW - timedelta(minutes=mappings.ecg.max_age_minutes + 1))
     with pytest.raises(NoEcgError):
         _inputs(mappings, ecgs=too_old)
@@ -554,12 +554,70 @@ def test_rule_missing_chest_lead_rejected(mappings: Any) -> None:
 
 
 def test_rule_unknown_content_type_rejected(mappings: Any) -> None:
-    """An attachment whose contentType is not in ecg.attachment_formats (a PDF printout) → unknown_content_type."""
+    """An attachment no reader recognises and whose contentType names no ECG format (a PDF printout)."""
+    import base64
+
     media = _ecg(mappings, MEDIA)
     media[0]["content"]["contentType"] = "application/pdf"
+    media[0]["content"]["data"] = base64.b64encode(b"%PDF-1.4 a printed ECG").decode()
     with pytest.raises(EcgRejected) as info:
         _inputs(mappings, ecgs=media)
     assert info.value.reason == "unknown_content_type"
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/pdf", "application/xml", "application/octet-stream", None]
+)
+def test_rule_format_is_detected_from_content_not_the_mime_type(
+    mappings: Any, content_type: str | None
+) -> None:
+    """A DICOM ECG under a wrong or missing contentType is still read as DICOM (the type is only a hint)."""
+    media = _ecg(mappings, MEDIA)
+    if content_type is None:
+        media[0]["content"].pop("contentType")
+    else:
+        media[0]["content"]["contentType"] = content_type
+    ecg = _inputs(mappings, ecgs=media).ecg
+    assert ecg.reference == "Media/ecg" and ecg.lead_names == MODEL_LEADS
+
+
+def test_rule_reader_crash_rejects_that_ecg_and_falls_back(
+    mappings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader raising an unexpected exception rejects its ECG as unreadable; an older one is used."""
+    from cds_service.ecg.readers import FORMATS
+
+    def crash(data: bytes, limits: Any) -> Any:
+        raise ZeroDivisionError("reader bug")
+
+    monkeypatch.setattr(FORMATS["dicom"], "read", crash)
+    newest = _ecg(mappings, MEDIA, at=NOW - timedelta(minutes=5), rid="crashing")
+    older = _ecg(mappings, OBS, at=NOW - timedelta(minutes=50), rid="older")
+    assert _inputs(mappings, ecgs=newest + older).ecg.reference == "Observation/older"
+    with pytest.raises(EcgRejected) as info:
+        _inputs(mappings, ecgs=newest)
+    assert info.value.reason == "unreadable" and "Media/crashing" in str(info.value)
+
+
+def test_rule_inverted_avr_component_is_used_inverted(mappings: Any) -> None:
+    """A valueSampledData component named '-aVR' (Cabrera) holding −aVR gives the same input as aVR."""
+    plain = _inputs(mappings).ecg
+    ecgs = _ecg(mappings, OBS)
+    for component in ecgs[0]["component"]:
+        if component["code"]["text"] == "aVR":
+            component["code"] = {"text": "-aVR"}
+            sampled = component["valueSampledData"]
+            sampled["data"] = " ".join(str(-int(v)) for v in sampled["data"].split())
+    inverted = _inputs(mappings, ecgs=ecgs).ecg
+    np.testing.assert_array_equal(inverted.signal, plain.signal)
+
+
+def test_rule_right_sided_lead_is_not_taken_for_v4(mappings: Any) -> None:
+    """A recording with V4R instead of V4 is incomplete (missing_leads), never read as V4."""
+    names = tuple("V4R" if n == "V4" else n for n in MIMIC_ORDER)
+    with pytest.raises(EcgRejected) as info:
+        _inputs(mappings, ecgs=_ecg(mappings, DOC, names=names))
+    assert info.value.reason == "missing_leads" and "V4R" in str(info.value)
 
 
 def test_rule_document_reference_uses_the_readable_attachment(mappings: Any) -> None:
@@ -636,8 +694,20 @@ def test_parse_fhir_datetime_forms() -> None:
     """FHIR date/dateTime/instant forms parse to aware UTC; partial dates take their first instant."""
     assert parse_fhir_datetime("2024") == datetime(2024, 1, 1, tzinfo=UTC)
     assert parse_fhir_datetime("2024-03") == datetime(2024, 3, 1, tzinfo=UTC)
+    assert parse_fhir_datetime("2024-03-05") == datetime(2024, 3, 5, tzinfo=UTC)
+    assert parse_fhir_datetime("2024-03-05T10:00:00") == datetime(2024, 3, 5, 10, tzinfo=UTC)
+    assert parse_fhir_datetime("2024-13") is None and parse_fhir_datetime(" ") is None
     assert parse_fhir_datetime("2024-03-05T10:00:00+01:00") == datetime(2024, 3, 5, 9, tzinfo=UTC)
     assert parse_fhir_datetime("2024-03-05T10:00:00.123Z") == datetime(
         2024, 3, 5, 10, 0, 0, 123000, tzinfo=UTC
     )
     assert parse_fhir_datetime("yesterday") is None and parse_fhir_datetime(None) is None
+
+
+def test_cards_and_features_share_the_partial_date_rule() -> None:
+    """One time rule: a lab result dated '2024-03' is 2024-03-01T00:00Z for the cards too."""
+    from cds_service.cards import result_time
+
+    for value in ("2024", "2024-03", "2024-03-05", "2024-03-05T10:00:00+01:00", "2024-03-05T10:00:00"):
+        assert result_time({"effectiveDateTime": value}) == parse_fhir_datetime(value)
+    assert result_time({"effectiveDateTime": "2024-03"}) == datetime(2024, 3, 1, tzinfo=UTC)
