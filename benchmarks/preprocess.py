@@ -147,7 +147,7 @@ def _label_step(paths: dict[str, Path], work: Path, threads: int, memory_limit: 
     """Child process: run the label step and report its wall time, CPU time and peak RSS (self + children)."""
     from model_training import labels as lab
     from model_training.mimic_tables import connect
-    from model_training.preprocess import load_records
+    from model_training.preprocess_tables import load_records
 
     work.mkdir(parents=True, exist_ok=True)
     database = work / "bench.duckdb"

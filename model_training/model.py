@@ -13,7 +13,7 @@ Read top to bottom:
 
 The ECG branch keeps activations channel-first, ``(H, B, L)`` (H = d_model, B = batch, L = time).
 Why: the 512→1024 projection is then a single GEMM ``W (2H, H) @ X (H, B·L)``, and the chunked
-convolution (see ``model_training.s4_export``) is a batched matmul over channels, so no transpose
+convolution (see ``model_training.s4_conv``) is a batched matmul over channels, so no transpose
 is needed anywhere inside a block. The public ``FusionModel.forward`` takes the ECG as ``(B, 12, L)``.
 
 Two exact ways to apply the same kernel (``ModelConfig.conv``):
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model_training.s4_export import ChunkMaps, chunk_maps, chunked_conv, intra_chunk_matrix, output_map
+from model_training.s4_conv import ChunkMaps, chunk_maps, chunked_kernel_conv, fft_conv
 
 __all__ = [
     "EcgEncoder",
@@ -396,22 +396,10 @@ class S4Block(nn.Module):
             )
         k = self.kernel()  # (D, H, l_max)
         if (impl or self.cfg.conv) == "fft":
-            k = k[..., :length]  # (D, H, L)
-            k_lin = F.pad(k[0], (0, length))  # (H, 2L): causal taps at lags 0…L-1
-            if self.kernel.n_dir == 2:
-                k_lin = k_lin + F.pad(k[1].flip(-1), (length, 0))  # anticausal taps wrap to the end
-            y = torch.fft.irfft(
-                torch.fft.rfft(u, n=2 * length) * torch.fft.rfft(k_lin, n=2 * length)[:, None], n=2 * length
-            )[..., :length]  # (H, B, L)
-            return y + u * self.D[:, None, None]
+            return fft_conv(u, k, self.D)  # (H, B, L)
         t = self.cfg.chunk
         maps = self.kernel.chunk_maps(t, u.dtype, u.device)
-        intra = intra_chunk_matrix(k[:, :, :t], self.D, t)  # (H, T, T)
-        out = output_map(self.kernel.real_c(), maps.out_basis, t)  # (H, D·N, T)
-        pad = -length % t  # a zero tail changes neither direction's output on [0, L)
-        u = F.pad(u, (0, pad)) if pad else u  # (H, B, L + pad)
-        y = chunked_conv(u, intra, maps.in_map, maps.transfer, out, (length + pad) // t)
-        return y[..., :length] if pad else y  # (H, B, L)
+        return chunked_kernel_conv(u, k, self.D, maps, self.kernel.real_c(), t)  # (H, B, L)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(H, B, L)`` → ``(H, B, L)``."""

@@ -1,24 +1,11 @@
-"""The S4 convolution as a chunked state-space computation, and the ONNX export built on it.
+"""The ONNX export of a trained ``FusionModel``: its S4 convolutions frozen into chunk matrices.
 
-Why: once the SSM is fixed, each direction's kernel is the impulse response of a small linear
-system, ``k[j] = c · Ā^j B̄`` with an N = d_state (8) real state. A bidirectional convolution of
-length L then needs neither an FFT nor a (2L-1)-tap depthwise conv (≈ 7× the dense layers in ONNX
-Runtime): split time into chunks of T samples and
-
-* inside a chunk, apply the exact T×T Toeplitz matrix of both directions' first taps (and D);
-* between chunks, carry the state: each chunk is summarised by ``z = u_chunk @ in_map`` (N numbers
-  per direction), states move one chunk with ``x @ transfer`` (= Ā^T), and reach the samples of
-  the next chunk through ``out_map`` (rows ``c Ā^(i+1)``; the anticausal direction mirrors this).
-
-Everything is a batched MatMul / Add / Slice / Concat on static-shape real tensors, so
-``torch.onnx.export`` writes standard operators only (no complex numbers, no DFT, no custom ops).
-
-Why a dense real 8×8 state and not N/2 = 4 diagonal complex modes: the state matrix of HiPPO-LegS
-has the real eigenvalues -1, …, -N, and its eigenvector matrix has condition number ≈ 8e4 at N = 8;
-diagonalising it puts per-mode coefficients of ~1e3 on a kernel of ~1e-2, which float32 cannot
-cancel to 1e-5. The real form of the unitary NPLR basis (``model.real_state_space``) is well
-conditioned, and Ā is a contraction there (LegS is dissipative), so the chunk recursion is stable.
-All constant matrices are computed in float64 and rounded once.
+Why: once training is over the SSM is fixed, so each S4 layer's convolution can be precomputed as
+the chunked state-space scan of :mod:`model_training.s4_conv` (standard MatMul / Add / Slice /
+Concat on static-shape real tensors). ``ExportableFusionModel`` is that inference form;
+:func:`export_onnx` writes it with ``torch.onnx.export`` and proves, before returning, that the
+graph uses standard operators only (no complex numbers, no DFT, no custom ops) and that ONNX
+Runtime matches the PyTorch model.
 
 Layout: channel-first ``(H, B, L)``; H is the batch dimension of every matmul.
 """
@@ -29,12 +16,14 @@ import copy
 import json
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from model_training.s4_conv import chunk_maps, chunked_conv, intra_chunk_matrix, output_map
 
 if TYPE_CHECKING:
     import onnx
@@ -42,16 +31,11 @@ if TYPE_CHECKING:
     from model_training.model import FusionModel, S4Block
 
 __all__ = [
-    "ChunkMaps",
     "ExportableFusionModel",
     "FixedS4Block",
     "OnnxExportError",
     "check_onnx_operators",
-    "chunk_maps",
-    "chunked_conv",
     "export_onnx",
-    "intra_chunk_matrix",
-    "output_map",
     "random_inputs",
 ]
 
@@ -67,108 +51,6 @@ _SPECTRAL_OPS = {"DFT", "STFT"}
 
 class OnnxExportError(RuntimeError):
     """The exported graph failed a check (ONNX checker, operator set, or ONNX Runtime parity)."""
-
-
-class ChunkMaps(NamedTuple):
-    """Frozen matrices of the chunked convolution for one S4 layer (see module docstring).
-
-    in_map: ``(H, T, D·N)`` chunk → per-direction state summary.
-    transfer: ``(H, N, N)`` row-vector state update over one chunk (``(Ā^T)ᵀ``).
-    out_basis: ``(H, N, T+1, N)`` ``E Ā^k`` for k = 0…T with ``E = (I - Ā^L)⁻¹``; contracting it with
-    the trained ``c̃`` gives ``c_eff Ā^k`` (``output_map``).
-    """
-
-    in_map: Tensor
-    transfer: Tensor
-    out_basis: Tensor
-
-
-def chunk_maps(a_bar: Tensor, b_bar: Tensor, l_max: int, chunk: int, n_dir: int) -> ChunkMaps:
-    """The C-independent chunk matrices from the discrete system ``Ā (H, N, N)``, ``B̄ (H, N)``.
-
-    Call with float64 inputs; the result has their dtype.
-    """
-    h, n, _ = a_bar.shape
-    eye = torch.eye(n, dtype=a_bar.dtype, device=a_bar.device).expand(h, n, n)
-    powers = [eye]
-    for _ in range(chunk):
-        powers.append(powers[-1] @ a_bar)
-    pw = torch.stack(powers, 1)  # (H, T+1, N, N): Ā^k
-    pb = (pw @ b_bar[:, None, :, None]).squeeze(-1)  # (H, T+1, N): Ā^k B̄
-    in_fwd = pb[:, :chunk].flip(1)  # (H, T, N): sample j of a chunk reaches its end state as Ā^(T-1-j) B̄
-    in_bwd = pb[:, :chunk]  # (H, T, N): …and its start state (anticausal) as Ā^j B̄
-    in_map = torch.cat([in_fwd, in_bwd][:n_dir], -1)  # (H, T, D·N)
-    correction = torch.linalg.inv(eye - torch.linalg.matrix_power(a_bar, l_max))  # (H, N, N)
-    out_basis = (correction[:, None] @ pw).permute(0, 2, 1, 3)  # (H, N, T+1, N)
-    return ChunkMaps(in_map, pw[:, chunk].transpose(-1, -2).contiguous(), out_basis.contiguous())
-
-
-def output_map(c_r: Tensor, out_basis: Tensor, chunk: int) -> Tensor:
-    """``(H, D·N, T)``: column i maps the state entering a chunk to its sample i.
-
-    ``c_r (D, H, N)`` is the stored (length-corrected) ``c̃`` in real form; differentiable in it.
-    Causal: the state after the previous chunk reaches sample i through ``c_eff Ā^(i+1)``;
-    anticausal: the state before the next chunk reaches sample i through ``c_eff Ā^(T-1-i)``.
-    """
-    coef = torch.einsum("dhn,hnkm->dhkm", c_r, out_basis)  # (D, H, T+1, N): c_eff Ā^k
-    rows = [coef[0, :, 1:]]  # (H, T, N)
-    if c_r.shape[0] == 2:
-        rows.append(coef[1, :, :chunk].flip(1))  # (H, T, N)
-    return torch.cat(rows, -1).transpose(1, 2)  # (H, D·N, T)
-
-
-def intra_chunk_matrix(taps: Tensor, d: Tensor, chunk: int) -> Tensor:
-    """``(H, T, T)`` matrix M with ``y_chunk = u_chunk @ M`` for the within-chunk part (and ``D u``).
-
-    ``taps (D, H, ≥T)`` are the first kernel taps of each direction, ``d (H,)`` the skip term.
-    ``M[j, i] = k0[i-j] (+D on the diagonal)`` for ``j ≤ i`` and ``k1[j-i-1]`` for ``j > i``.
-    """
-    k0 = taps[0, :, :chunk]  # (H, T)
-    k0 = torch.cat([k0[:, :1] + d[:, None], k0[:, 1:]], -1)  # lag 0 carries D
-    k1 = taps[1, :, :chunk] if taps.shape[0] == 2 else torch.zeros_like(k0)  # (H, T)
-    pos = torch.arange(chunk, device=taps.device)
-    j, i = pos[:, None], pos[None, :]
-    index = torch.where(i >= j, i - j, chunk + j - i - 1)  # (T, T) into [k0, k1]
-    return torch.cat([k0, k1], -1)[:, index]  # (H, T, T)
-
-
-def _add_bmm(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``c + a @ b`` (batched): fused ``baddbmm`` when running, ``MatMul`` + ``Add`` when traced for
-    export (the TorchScript exporter writes ``baddbmm`` with two extra multiplications by 1)."""
-    if torch.jit.is_tracing():
-        return c + torch.bmm(a, b)
-    return torch.baddbmm(c, a, b)
-
-
-def chunked_conv(
-    u: Tensor, intra: Tensor, in_map: Tensor, transfer: Tensor, out_map: Tensor, n_chunks: int
-) -> Tensor:
-    """Exact bidirectional (or causal) long convolution, ``(H, B, L)`` → ``(H, B, L)``, L = n_chunks·T.
-
-    ``intra (H, T, T)``, ``in_map (H, T, D·N)``, ``transfer (H, N, N)``, ``out_map (H, D·N, T)``.
-    ``n_chunks`` is a Python int so that an exported graph has static chunk shapes. The chunk
-    recursion is unrolled (L/T - 2 small matmuls per direction); chunks are taken apart with
-    ``unbind`` so that the backward pass gathers their gradients with one ``stack``.
-    """
-    h, t, _ = intra.shape
-    n = transfer.shape[-1]
-    n_dir = in_map.shape[-1] // n
-    uc = u.reshape(h, -1, t)  # (H, B·C, T) with C = L/T chunks
-    y = torch.bmm(uc, intra)  # (H, B·C, T) within-chunk part
-    if n_chunks == 1:
-        return y.view(h, -1, t)
-    z = torch.bmm(uc, in_map).view(h, -1, n_chunks, n_dir, n)  # (H, B, C, D, N) chunk summaries
-    per_direction = []
-    for d, z_dir in enumerate(z.unbind(3)):  # (H, B, C, N) per direction
-        zc = z_dir.unbind(2)  # C × (H, B, N)
-        if d == 1:  # anticausal: the same recursion from the last chunk backwards
-            zc = zc[::-1]
-        states = [torch.zeros_like(zc[0]), zc[0]]  # state entering chunk c: all chunks before it
-        for c in range(2, n_chunks):
-            states.append(_add_bmm(zc[c - 1], states[-1], transfer))  # (H, B, N)
-        per_direction.append(torch.stack(states if d == 0 else states[::-1], 2))  # (H, B, C, N)
-    s = torch.cat(per_direction, -1).view(h, -1, n_dir * n)  # (H, B·C, D·N)
-    return _add_bmm(y, s, out_map).view(h, -1, n_chunks * t)  # (H, B, L)
 
 
 # --------------------------------------------------------------------------------------------------

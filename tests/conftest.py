@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.fhir_servers", "tests.figures", "tests.service_fixtures"]
+pytest_plugins = ["tests.fhir_servers", "tests.figures", "tests.service_fixtures", "tests.training_fixtures"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -20,11 +20,11 @@ import pandas as pd
 import pytest
 
 from cds_service.cli import main
-from cds_service.signal import prepare_ecg
+from cds_service.ecg.prepare import prepare_ecg
 from model_training import labels as lab
 from model_training.metadata import build_metadata
 from model_training.mimic_tables import MimicSources, connect
-from model_training.preprocess import load_records
+from model_training.preprocess_tables import load_records
 
 MIMIC_LEADS = ["I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6"]
 T0 = datetime(2180, 6, 1, 12, 0, 0)
@@ -807,7 +807,7 @@ def test_rerun_resumes_after_interruption(
         raise AssertionError("the table step should have been reused")
 
     monkeypatch.setattr(waveforms, "_convert_chunk", counting)
-    monkeypatch.setattr(pre, "_build_tables", no_rebuild)
+    monkeypatch.setattr(pre, "build_tables", no_rebuild)
     assert run_cli("--mimic-root", tmp_path / "mimic", "--out", out) == 0
     assert len(converted) == 44 - done_before
     assert not work.exists() and len(np.load(out / "ecg.npy", mmap_mode="r")) == 44

@@ -123,13 +123,14 @@ def test_columns_match_the_real_files(data: Path, rel: Path) -> None:
 
 def test_gzip_files_have_no_timestamp_or_name(data: Path) -> None:
     """Byte-identical output needs gzip headers without mtime or file name."""
-    for rel in EXPECTED_COLUMNS:
-        if rel.suffix == ".gz":
-            head = (data / rel).read_bytes()[:10]
-            assert head[:2] == b"\x1f\x8b"
-            assert head[4:8] == b"\x00\x00\x00\x00", rel  # MTIME
-            assert head[3] & 0x08 == 0, rel  # FNAME flag
-            gzip.decompress((data / rel).read_bytes())
+    gzipped = [rel for rel in EXPECTED_COLUMNS if rel.suffix == ".gz"]
+    assert len(gzipped) == 7  # patients, admissions, d_labitems, labevents, omr, edstays, vitalsign
+    for rel in gzipped:
+        head = (data / rel).read_bytes()[:10]
+        assert head[:2] == b"\x1f\x8b"
+        assert head[4:8] == b"\x00\x00\x00\x00", rel  # MTIME
+        assert head[3] & 0x08 == 0, rel  # FNAME flag
+        gzip.decompress((data / rel).read_bytes())
 
 
 def test_times_use_mimic_format_and_shifted_years(data: Path) -> None:
@@ -167,6 +168,7 @@ def test_record_paths_follow_mimic_ecg_layout(data: Path) -> None:
     """``path`` is files/pNNNN/pNNNNNNNN/sNNNNNNNN/NNNNNNNN and both WFDB files exist."""
     rec = pd.read_csv(data / ECG / "record_list.csv")
     icd = pd.read_csv(data / ICD / "records_w_diag_icd10.csv")
+    assert len(rec) > 0 and len(icd) == len(rec)
     for row in rec.itertuples():
         s = str(row.subject_id)
         assert row.path == f"files/p{s[:4]}/p{s}/s{row.study_id}/{row.study_id}"
@@ -185,6 +187,7 @@ def test_wfdb_header_matches_mimic_ecg(data: Path) -> None:
     """§2.2: 12 leads in stored order (aVF before aVL), 500 Hz, 5000 samples, fmt 16, mV,
     gain 1000, and the header's base date/time is the ECG time."""
     rec = pd.read_csv(data / ECG / "record_list.csv").head(5)
+    assert len(rec) == 5
     for row in rec.itertuples():
         header = wfdb.rdheader(str(data / ECG / row.path))
         assert header.sig_name == list(STORED_LEADS)
@@ -200,6 +203,7 @@ def test_wfdb_header_matches_mimic_ecg(data: Path) -> None:
 def test_limb_leads_obey_einthoven_and_goldberger(data: Path) -> None:
     """III = II - I, aVR = -(I+II)/2, aVL = I - II/2, aVF = II - I/2 on records read back with wfdb."""
     rec = pd.read_csv(data / ECG / "record_list.csv").head(8)
+    assert len(rec) == 8
     for row in rec.itertuples():
         record = wfdb.rdrecord(str(data / ECG / row.path))
         x = {name: record.p_signal[:, k] for k, name in enumerate(record.sig_name)}
@@ -381,6 +385,7 @@ def test_planted_rule_determines_the_est_label(data: Path, labs: pd.DataFrame, t
     m = clean.assign(charttime=pd.to_datetime(clean["charttime"])).merge(rec, on="subject_id")
     m["adt"] = ((m["charttime"] - m["ecg_time"]).dt.total_seconds() / 60).abs()
     closest = m[m["adt"] <= 60].sort_values("adt").groupby(["study_id", "label"]).first()
+    assert len(truth["rules"]) == 7  # one rule per planted lab
     for label, rule in truth["rules"].items():
         got = closest.xs(label, level="label")["valuenum"]
         state = pd.Series({int(k): v["labs"][label] for k, v in truth["records"].items()}).loc[got.index]

@@ -2,8 +2,9 @@
 
 Each test pins one rule of method.md §2.2 (windows), §2.3 (imputation), §2.5 (folds), §3.3/§3.4
 (training) or the project brief (config overrides, checkpoint format, resume, torchrun). The
-DATASET is written by :func:`write_tiny_dataset` with a planted signal, so a tiny model must
-learn it within a few epochs.
+DATASET (``tiny_dataset``, with a planted signal a tiny model must learn within a few epochs) and
+the trained run (``tiny_run``) are the session-wide fixtures of :mod:`tests.training_fixtures`;
+only the resume and DDP tests train runs of their own.
 """
 
 from __future__ import annotations
@@ -34,101 +35,9 @@ from model_training.data import (
     fit_metadata_spec,
     open_dataset,
 )
+from tests.training_fixtures import TINY, TinyRun, train_cli, write_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-PLANTED = ("NTproBNP_high_est", "NTproBNP_high_mon30", "Hemoglobin_low_est")
-#: A model small enough to train in about a second per epoch on one CPU thread.
-TINY = ["--model.d_model=32", "--model.n_layers=1", "--batch_size=16", "--num_threads=1", "--progress=false"]
-VITALS = {
-    "temperature": (98.3, 0.9),
-    "heart_rate": (80.0, 15.0),
-    "resp_rate": (17.0, 2.0),
-    "spo2": (97.0, 2.0),
-    "sbp": (125.0, 15.0),
-    "dbp": (75.0, 10.0),
-    "bmi": (27.0, 5.0),
-    "weight": (80.0, 15.0),
-    "height": (170.0, 10.0),
-}
-
-
-def write_tiny_dataset(
-    root: Path, n_train: int = 288, n_val: int = 72, n_test: int = 72, seed: int = 0
-) -> Path:
-    """Write a DATASET (the ``ecglab preprocess`` layout) with planted, learnable targets.
-
-    * ``NTproBNP_high_est`` / ``_mon30``: a latent z shifts every lead by 0.4·z mV (ECG signal);
-    * ``Hemoglobin_low_est``: follows sex (metadata signal);
-    * ``Sodium_low_est``: pure noise.
-    20 % of labels and ~30 % of vitals are missing. ``dataset.json`` points to a
-    ``ground_truth.json`` listing the planted targets, as a synthetic DATASET does.
-    """
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    n = n_train + n_val + n_test
-    folds = np.r_[np.arange(n_train) % 18, np.full(n_val, 18), np.full(n_test, 19)]
-    study = 40_000_000 + np.arange(n)
-    records = pd.DataFrame(
-        {
-            "study_id": study,
-            "subject_id": 10_000_000 + np.arange(n),
-            "ecg_time": pd.Timestamp("2150-01-01") + pd.to_timedelta(np.arange(n), unit="h"),
-            "strat_fold": folds,
-        }
-    )
-    z = rng.normal(size=n)
-    t = np.arange(1000) / 100.0
-    ecg = (
-        0.05 * rng.normal(size=(n, 1000, 12))
-        + (0.4 * z)[:, None, None]
-        + 0.3 * np.sin(2 * np.pi * 1.2 * t)[None, :, None]
-    )
-    np.save(root / "ecg.npy", ecg.astype(np.float32))
-    sex = rng.integers(0, 2, n).astype(float)
-    labels = pd.DataFrame(
-        {
-            "study_id": study,
-            "NTproBNP_high_est": (z + 0.3 * rng.normal(size=n) > 0.3).astype(float),
-            "NTproBNP_high_mon30": (z + 0.3 * rng.normal(size=n) > 0.3).astype(float),
-            "Hemoglobin_low_est": (sex + 0.3 * rng.normal(size=n) > 0.5).astype(float),
-            "Sodium_low_est": (rng.random(n) < 0.3).astype(float),
-        }
-    )
-    for column in labels.columns[1:]:
-        labels.loc[rng.random(n) < 0.2, column] = np.nan
-    meta = pd.DataFrame({"study_id": study, "sex": sex, "race": rng.integers(0, 5, n).astype(float)})
-    meta["age"] = rng.uniform(20, 90, n)
-    for key, (mu, sd) in VITALS.items():
-        meta[key] = rng.normal(mu, sd, n)
-        meta.loc[rng.random(n) < 0.3, key] = np.nan
-    meta.loc[rng.random(n) < 0.1, "race"] = np.nan
-    records.to_parquet(root / "records.parquet", index=False)
-    labels.to_parquet(root / "labels.parquet", index=False)
-    meta.to_parquet(root / "metadata.parquet", index=False)
-    (root / "ground_truth.json").write_text(json.dumps({"planted_targets": list(PLANTED)}), encoding="utf-8")
-    generator = {"ground_truth": str(root / "ground_truth.json"), "seed": seed}
-    (root / "dataset.json").write_text(json.dumps({"format": "ecglab-dataset", "generator": generator}))
-    (root / "thresholds.json").write_text("{}", encoding="utf-8")
-    return root
-
-
-def train_cli(data: Path, out: Path, *extra: str) -> int:
-    """``ecglab train`` in-process on the CPU with the tiny model."""
-    return main(["train", "--data", str(data), "--out", str(out), "--device", "cpu", *TINY, *extra])
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny DATASET shared by the module."""
-    return write_tiny_dataset(tmp_path_factory.mktemp("dataset"))
-
-
-@pytest.fixture(scope="module")
-def trained_run(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-epoch tiny run, shared by the tests that only read its outputs."""
-    out = tmp_path_factory.mktemp("run") / "run"
-    assert train_cli(dataset_dir, out, "--epochs=4", "--seed=0") == 0
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,22 +62,22 @@ def test_config_overrides_are_typed() -> None:
 
 
 def test_config_unknown_key_is_rejected_naming_the_key(
-    dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Brief: an unknown key fails with an error that names it (API and command line)."""
     with pytest.raises(ConfigError, match=r"unknown config key 'model\.d_modle'"):
         apply_overrides(TrainConfig(), {"model.d_modle": "64"})
     with pytest.raises(SystemExit) as exc:
-        train_cli(dataset_dir, tmp_path / "run", "--epoch=3")
+        train_cli(tiny_dataset, tmp_path / "run", "--epoch=3")
     assert exc.value.code == 2
     assert "unrecognized arguments: --epoch=3" in capsys.readouterr().err
 
 
 def test_config_ill_typed_value_names_the_key(
-    dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Brief: a value of the wrong type ends the command with exit 2 and names the key."""
-    assert train_cli(dataset_dir, tmp_path / "run", "--epochs=three") == 2
+    assert train_cli(tiny_dataset, tmp_path / "run", "--epochs=three") == 2
     assert "config key 'epochs' (command line): expected an integer, got 'three'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"'model\.dropout'.*expected a number"):
         apply_overrides(TrainConfig(), {"model.dropout": "high"})
@@ -196,9 +105,9 @@ def test_config_rejects_training_on_the_test_fold() -> None:
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-def test_imputation_uses_training_fold_medians_only_and_sets_indicators(dataset_dir: Path) -> None:
+def test_imputation_uses_training_fold_medians_only_and_sets_indicators(tiny_dataset: Path) -> None:
     """§2.3: NaNs take the median of folds 0–17 (race: rounded code); indicators mark them."""
-    ds = open_dataset(dataset_dir)
+    ds = open_dataset(tiny_dataset)
     train_rows = ds.rows_in(range(18))
     meta = ds.metadata.copy()
     meta.loc[ds.rows_in([18, 19]), "heart_rate"] = 500.0  # extreme val/test values must not move the median
@@ -220,9 +129,9 @@ def test_imputation_uses_training_fold_medians_only_and_sets_indicators(dataset_
     assert np.array_equal(cont[:, len(CONTINUOUS)], race_missing.astype(np.float32))
 
 
-def test_training_crops_are_in_bounds_and_change_per_epoch(dataset_dir: Path) -> None:
+def test_training_crops_are_in_bounds_and_change_per_epoch(tiny_dataset: Path) -> None:
     """§2.2: one random 250-sample crop per record per epoch, start in [0, 750]."""
-    ds = open_dataset(dataset_dir)
+    ds = open_dataset(tiny_dataset)
     cat, cont = encode_features(ds.metadata, fit_metadata_spec(ds.metadata, ds.rows_in(range(18))))
     rows = ds.rows_in(range(18))
     windows = EcgLabWindows(ds.ecg, rows, cat, cont, ds.labels, 250, train=True, seed=3)
@@ -239,9 +148,9 @@ def test_training_crops_are_in_bounds_and_change_per_epoch(dataset_dir: Path) ->
     assert np.array_equal(first, windows.starts)  # a pure function of (seed, epoch): resumable
 
 
-def test_evaluation_uses_four_fixed_non_overlapping_windows(dataset_dir: Path) -> None:
+def test_evaluation_uses_four_fixed_non_overlapping_windows(tiny_dataset: Path) -> None:
     """§2.2: validation/test cut each 10 s record into 4 non-overlapping 2.5 s windows."""
-    ds = open_dataset(dataset_dir)
+    ds = open_dataset(tiny_dataset)
     cat, cont = encode_features(ds.metadata, fit_metadata_spec(ds.metadata, ds.rows_in(range(18))))
     rows = ds.rows_in([18])
     windows = EcgLabWindows(ds.ecg, rows, cat, cont, ds.labels, 250, train=False)
@@ -270,17 +179,17 @@ def test_missing_dataset_file_is_named(tmp_path: Path, capsys: pytest.CaptureFix
 # --------------------------------------------------------------------------------------------
 # Training end to end
 # --------------------------------------------------------------------------------------------
-def test_tiny_model_learns_planted_target(trained_run: Path) -> None:
+def test_tiny_model_learns_planted_target(tiny_run: TinyRun) -> None:
     """§3: a tiny S4 fusion model beats chance on the planted ECG target (val AUROC > 0.75)."""
-    best = torch.load(trained_run / "checkpoint_best.pt", map_location="cpu", weights_only=True)
+    best = torch.load(tiny_run.run / "checkpoint_best.pt", map_location="cpu", weights_only=True)
     assert best["metrics"]["val_target_auroc"]["NTproBNP_high_est"] > 0.75
     assert best["metrics"]["val_target_auroc"]["Hemoglobin_low_est"] > 0.75  # metadata branch learns too
 
 
-def test_checkpoints_are_plain_and_complete(trained_run: Path) -> None:
+def test_checkpoints_are_plain_and_complete(tiny_run: TinyRun) -> None:
     """Brief: checkpoints load with weights_only=True and carry config, model args, medians, provenance."""
-    last = torch.load(trained_run / "checkpoint_last.pt", map_location="cpu", weights_only=True)
-    best = torch.load(trained_run / "checkpoint_best.pt", map_location="cpu", weights_only=True)
+    last = torch.load(tiny_run.run / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+    best = torch.load(tiny_run.run / "checkpoint_best.pt", map_location="cpu", weights_only=True)
     expected = {
         "format", "format_version", "kind", "epoch", "config", "model_args", "labels", "features", "ecg",
         "provenance", "versions", "model_state", "optimizer_state", "metrics", "best", "history", "rng", "sampler",
@@ -299,9 +208,9 @@ def test_checkpoints_are_plain_and_complete(trained_run: Path) -> None:
     assert json.loads(json.dumps({k: last[k] for k in ("config", "model_args", "features", "provenance")}))
 
 
-def test_run_writes_log_curves_and_summary(trained_run: Path) -> None:
+def test_run_writes_log_curves_and_summary(tiny_run: TinyRun) -> None:
     """Brief: train_log.jsonl has one object per epoch; curves.png and run.json exist."""
-    lines = [json.loads(x) for x in (trained_run / "train_log.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (tiny_run.run / "train_log.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2, 3, 4]
     assert set(lines[0]) >= {
         "epoch",
@@ -313,8 +222,8 @@ def test_run_writes_log_curves_and_summary(trained_run: Path) -> None:
     }
     assert set(lines[0]["val_task_macro_auroc"]) == {"est", "mon30"}
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
-    assert (trained_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    summary = json.loads((trained_run / "run.json").read_text())
+    assert (tiny_run.run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((tiny_run.run / "run.json").read_text())
     best = max(lines, key=lambda x: x["val_macro_auroc"])
     assert summary["status"] == "finished" and summary["best_epoch"] == best["epoch"]
     assert summary["best_val_macro_auroc"] == pytest.approx(best["val_macro_auroc"])
@@ -327,11 +236,11 @@ def _state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(dataset_dir: Path, tmp_path: Path) -> None:
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_dataset: Path, tmp_path: Path) -> None:
     """Brief: --resume restores model, optimiser, RNG and sampler so epoch 2 is bit-identical."""
     steps = "--max_steps_per_epoch=6"
-    assert train_cli(dataset_dir, tmp_path / "straight", "--epochs=2", steps) == 0
-    assert train_cli(dataset_dir, tmp_path / "resumed", "--epochs=1", steps) == 0
+    assert train_cli(tiny_dataset, tmp_path / "straight", "--epochs=2", steps) == 0
+    assert train_cli(tiny_dataset, tmp_path / "resumed", "--epochs=1", steps) == 0
     assert (
         main(["train", "--out", str(tmp_path / "resumed"), "--resume", "--epochs=2", "--device", "cpu"]) == 0
     )
@@ -347,30 +256,30 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(dataset_dir: Path, t
     assert straight["history"][0]["train_loss"] == resumed["history"][0]["train_loss"]  # same seed, same run
 
 
-def test_resume_refuses_to_change_the_method(dataset_dir: Path, trained_run: Path, tmp_path: Path) -> None:
+def test_resume_refuses_to_change_the_method(tiny_dataset: Path, tiny_run: TinyRun, tmp_path: Path) -> None:
     """Brief: --resume may extend epochs but not change what a step computes; no silent overwrite."""
     with pytest.raises(ConfigError, match="--resume cannot change config key 'lr'"):
-        from model_training.train import train
+        from model_training.train_loop import train
 
-        train(None, trained_run, overrides={"lr": "0.01"}, resume=True)
-    assert train_cli(dataset_dir, trained_run, "--epochs=1") == 2  # exists and no --resume
+        train(None, tiny_run.run, overrides={"lr": "0.01"}, resume=True)
+    assert train_cli(tiny_dataset, tiny_run.run, "--epochs=1") == 2  # exists and no --resume
     assert main(["train", "--out", str(tmp_path / "none"), "--resume", "--device", "cpu"]) == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
-def test_cuda_request_without_gpu_is_a_clear_error(dataset_dir: Path, tmp_path: Path) -> None:
+def test_cuda_request_without_gpu_is_a_clear_error(tiny_dataset: Path, tmp_path: Path) -> None:
     """Brief: --device cuda on a machine without a GPU is an input error, not a traceback."""
-    assert main(["train", "--data", str(dataset_dir), "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
+    assert main(["train", "--data", str(tiny_dataset), "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_processes_train_one_epoch(dataset_dir: Path, tmp_path: Path) -> None:
+def test_ddp_two_gloo_processes_train_one_epoch(tiny_dataset: Path, tmp_path: Path) -> None:
     """Brief: torchrun with 2 CPU processes (gloo, DDP, DistributedSampler) trains one epoch."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "cds_service.cli", "train", "--data", str(dataset_dir), "--out", str(out), "--device", "cpu",
+        "-m", "cds_service.cli", "train", "--data", str(tiny_dataset), "--out", str(out), "--device", "cpu",
         "--epochs=1", *TINY,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
