@@ -53,7 +53,7 @@ FHIR_TOKEN = "benchmark-token"
 
 def demo_subjects(patients: int, scratch: Path) -> list[Any]:
     """``patients`` demo subjects from a small generated MIMIC-layout set, as ``ecglab seed-fhir`` picks them."""
-    from cds_service.seed import read_subjects
+    from model_training.seed_fhir import read_subjects
     from model_training.synthetic import MIN_SUBJECTS, generate
 
     source = scratch / "synth"
@@ -63,36 +63,38 @@ def demo_subjects(patients: int, scratch: Path) -> list[Any]:
 
 def seed_patients(base_url: str, subjects: list[Any]) -> list[str]:
     """Write ``subjects`` to the server as ``ecglab seed-fhir`` does; ids of those with an inline ECG."""
-    from cds_service.seed import seed
+    from model_training.seed_fhir import seed
 
     rows = seed(base_url, subjects, load_mappings())
     return [row["patient"] for row in rows if "via Binary" not in row["ecg"]]
 
 
 def read_prefetch(client: httpx.Client, base_url: str, patient_id: str, queries: Any) -> dict[str, Any]:
-    """The prefetch an EHR would send for ``patient_id``: each template's query run on the server."""
+    """The prefetch an EHR would send for ``patient_id``: each template's query (no date filter) run on the server."""
     prefetch: dict[str, Any] = {}
     for query in queries:
         if query.read:
             response = client.get(f"{base_url}/{query.resource_type}/{patient_id}")
         else:
-            response = client.get(f"{base_url}/{query.resource_type}", params=query.bind(patient_id))
+            response = client.get(f"{base_url}/{query.resource_type}", params=query.bind(patient_id, None))
         response.raise_for_status()
         prefetch[query.key] = response.json()
     return prefetch
 
 
-def extracted_inputs(prefetch: dict[str, Any], queries: Any) -> Any:
-    """The model inputs the service extracts from ``prefetch`` (for the bare inference figure)."""
-    from cds_service.features import extract_model_inputs
-    from cds_service.prefetch import assemble, decode_prefetch
+def extracted_inputs(prefetch: dict[str, Any], queries: Any, patient_id: str) -> Any:
+    """The model inputs the service extracts from ``prefetch`` (for the bare inference figure).
 
+    Through the service's own data path; with no FHIR client, a key missing from ``prefetch``
+    stops the benchmark (``MissingData``).
+    """
+    from cds_service.fetch import gather_patient_data, model_inputs
+    from cds_service.prefetch import decode_prefetch
+
+    now = datetime.now(UTC)
     decoded = decode_prefetch(prefetch, queries)
-    if decoded.missing:
-        raise RuntimeError(f"prefetch lacks {decoded.missing}")
-    return extract_model_inputs(
-        assemble(decoded.resources, queries), mappings=load_mappings(), now=datetime.now(UTC)
-    )
+    data = gather_patient_data(queries, patient_id, now=now, prefetched=decoded.resources)
+    return model_inputs(data, mappings=load_mappings(), now=now)
 
 
 def hook_body(
@@ -196,7 +198,7 @@ def run_calls(
     queries = build_queries(load_mappings())
     with httpx.Client(headers={"Accept": "application/fhir+json"}, timeout=30.0) as fhir:
         prefetches = {pid: read_prefetch(fhir, base_url, pid, queries) for pid in ids}
-    inputs = {pid: extracted_inputs(prefetches[pid], queries) for pid in ids}
+    inputs = {pid: extracted_inputs(prefetches[pid], queries, pid) for pid in ids}
     settings = {
         "auth": False,
         "issuers": "",
@@ -206,7 +208,6 @@ def run_calls(
         "fhir_timeout_ms": 30_000,
     }
     app = create_app(settings, runtime=runtime)
-    state = app.extensions["ecglab"]
     warmup = min(len(ids), 2)
     total = warmup + calls
     try:
@@ -236,9 +237,7 @@ def run_calls(
         with_fetch.check()
         return times
     finally:
-        state.pipeline.deps.executor.shutdown(wait=False, cancel_futures=True)
-        state.pipeline.deps.fhir_executor.shutdown(wait=False, cancel_futures=True)
-        state.engine.dispose()
+        app.extensions["ecglab"].close()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The Flask application factory of the CDS Hooks 2.0 service.
+"""The Flask application factory of the CDS Hooks 2.0 service: settings → assembled service → app.
 
 Endpoints (cdshooks.md §0.1):
 
@@ -12,6 +12,7 @@ Endpoints (cdshooks.md §0.1):
 ``/demo``                             card-preview page, only with ``ECGLAB_DEMO=on`` (auth off)
 ====================================  =====================================================
 
+The routes, CORS, metrics and error answers are the blueprints of :mod:`cds_service.routes`.
 Every non-2xx answer carries a FHIR OperationOutcome (``application/fhir+json``); a 401 says only
 "unauthorized" (cdshooks.md §8, BP), and a 500 never contains a stack trace.
 
@@ -23,58 +24,36 @@ is the model: any object with ``version``, ``trained_on_synthetic``, ``provider`
 that cannot be loaded stops startup (``ConfigError``).
 
 The assembled pieces live in ``app.extensions["ecglab"]`` (:class:`ServiceState`); tests swap its
-``jwks.transport`` and ``pipeline.deps.fhir_transport`` for ``httpx.MockTransport`` objects.
+``jwks.transport`` and ``pipeline.deps.fhir_transport`` for ``httpx.MockTransport`` objects. The
+app owns its thread pools and database engine: :meth:`ServiceState.close` stops them, and runs by
+itself when the app is garbage-collected or the process exits (a :func:`weakref.finalize`, which
+is also an ``atexit`` hook), so neither callers nor tests shut anything down by hand.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
-import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask
 from sqlalchemy import Engine
-from werkzeug.exceptions import HTTPException
 
-from cds_service.auth import Authenticator, AuthError, Caller
-from cds_service.db import init_db, make_engine, ping
-from cds_service.feedback import FeedbackError, parse_feedback, store_feedback
-from cds_service.hooks import (
-    SERVICES,
-    USAGE,
-    HookPipeline,
-    ModelRuntimeLike,
-    PipelineDeps,
-    count_outcome,
-    operation_outcome,
-)
+from cds_service.auth import Authenticator
+from cds_service.db import init_db, make_engine
+from cds_service.hook_request import SERVICES, USAGE
+from cds_service.hooks import HookPipeline, ModelRuntimeLike, PipelineDeps
 from cds_service.issuers import IssuerConfig, JwksCache, load_issuers
-from cds_service.observability import (
-    FEEDBACK_ITEMS,
-    REQUEST_SECONDS,
-    REQUESTS,
-    bind_request,
-    log_safe,
-    render_metrics,
-    reset_request,
-)
 from cds_service.prefetch import PrefetchQuery, build_queries, templates
+from cds_service.routes import blueprint, metrics_blueprint
 from cds_service.settings import Settings
 from fhir_mappings import Mappings, load_mappings
 
 log = logging.getLogger(__name__)
 
-FHIR_JSON = "application/fhir+json"
-CDS_PREFIX = "/cds-services"
-ALLOWED_METHODS = "GET, POST, OPTIONS"
-ALLOWED_HEADERS = "Authorization, Content-Type, Accept"
 DISCOVERY_EXTENSION = "org.ecglab.service"
-#: Deepest JSON nesting accepted in a request body. A prefetched FHIR resource nests about a dozen
-#: levels; thousands of levels make the JSON parser (and any recursive reader) hit Python's
-#: recursion limit, which must be a 400, not a 500.
-MAX_JSON_DEPTH = 100
 
 
 @dataclass
@@ -92,6 +71,12 @@ class ServiceState:
     queries: tuple[PrefetchQuery, ...]
     discovery: dict[str, Any]
 
+    def close(self) -> None:
+        """Stop the hook and FHIR thread pools and close the database connections (idempotent)."""
+        self.pipeline.deps.executor.shutdown(wait=False, cancel_futures=True)
+        self.pipeline.deps.fhir_executor.shutdown(wait=False, cancel_futures=True)
+        self.engine.dispose()
+
 
 def _settings(config: Settings | dict[str, Any] | None) -> Settings:
     """Normalise ``create_app``'s ``config`` argument into validated :class:`Settings`."""
@@ -107,7 +92,12 @@ def _load_runtime(settings: Settings) -> ModelRuntimeLike:
     """The ONNX model runtime from ``ECGLAB_MODEL_DIR`` (a ManifestError stops startup)."""
     from cds_service.inference import ModelRuntime
 
-    runtime = ModelRuntime.load(settings.model_dir, list(settings.onnx_providers) or None)
+    runtime = ModelRuntime.load(
+        settings.model_dir,
+        list(settings.onnx_providers) or None,
+        variant=settings.model_variant,
+        batch_max_wait_ms=settings.batch_max_wait_ms,
+    )
     return runtime
 
 
@@ -195,7 +185,10 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_mb * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["ecglab"] = state
-    _register(app, state)
+    weakref.finalize(app, state.close)
+    app.register_blueprint(blueprint)
+    if settings.metrics:
+        app.register_blueprint(metrics_blueprint)
     if settings.demo:
         from cds_service.demo_page import create_demo_blueprint
 
@@ -212,236 +205,3 @@ def create_app(
         settings.public_url,
     )
     return app
-
-
-# -- responses ---------------------------------------------------------------------------------------
-
-
-def _outcome_response(status: int, message: str, *, code: str, diagnostics: str | None = None) -> Response:
-    """A JSON response carrying an OperationOutcome with ``status`` (``application/fhir+json``)."""
-    response = jsonify(operation_outcome(message, code=code, diagnostics=diagnostics))
-    response.status_code = status
-    response.mimetype = FHIR_JSON
-    return response
-
-
-def _unauthorized() -> Response:
-    """The one 401 answer: a generic OperationOutcome and ``WWW-Authenticate: Bearer``, no reason (BP)."""
-    response = _outcome_response(401, "Unauthorized", code="login")
-    response.headers["WWW-Authenticate"] = "Bearer"
-    return response
-
-
-def _nesting_exceeds(value: Any, limit: int) -> bool:
-    """Whether a parsed JSON value nests objects/arrays more than ``limit`` levels (checked iteratively)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            children: Any = node.values()
-        elif isinstance(node, list):
-            children = node
-        else:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False
-
-
-def _json_body() -> tuple[Any, str | None]:
-    """The request body parsed as JSON, or ``(None, why not)``: not JSON, or nested too deeply."""
-    try:
-        body = request.get_json(force=True, silent=True)
-    except RecursionError:  # only ValueError is silenced; a deeply nested body exhausts the parser's stack
-        return None, f"Request body nests deeper than {MAX_JSON_DEPTH} levels"
-    if body is None:
-        return None, "Request body is not JSON"
-    if _nesting_exceeds(body, MAX_JSON_DEPTH):
-        return None, f"Request body nests deeper than {MAX_JSON_DEPTH} levels"
-    return body, None
-
-
-def _endpoint_kind(path: str) -> str:
-    """The metrics label for a path: discovery, service, feedback, healthz, metrics or other."""
-    if path == CDS_PREFIX or path == CDS_PREFIX + "/":
-        return "discovery"
-    if path.startswith(CDS_PREFIX + "/"):
-        return "feedback" if path.endswith("/feedback") else "service"
-    if path in ("/healthz", "/metrics"):
-        return path.lstrip("/")
-    return "other"
-
-
-def _register(app: Flask, state: ServiceState) -> None:
-    """Attach the hooks, error handlers and routes of the service to ``app``."""
-    settings = state.settings
-
-    def cors_origin() -> str | None:
-        """The ``Access-Control-Allow-Origin`` value for this request, or ``None`` for a foreign origin."""
-        if "*" in settings.cors_origins:
-            return "*"
-        origin = request.headers.get("Origin", "").rstrip("/")
-        return origin if origin in settings.cors_origins else None
-
-    def authenticate() -> Caller:
-        """Verify the request's JWT (raises AuthError → 401) and remember the caller on ``g``."""
-        caller = state.authenticator.authenticate(request.headers.get("Authorization"), request.path)
-        g.caller = caller
-        return caller
-
-    @app.before_request
-    def _start() -> Response | None:
-        """Start the request timer; answer CORS preflights here, before any authentication."""
-        g.started = time.perf_counter()
-        if request.method == "OPTIONS" and request.path.startswith(CDS_PREFIX):
-            response = Response(status=204)
-            del response.headers["Content-Type"]
-            response.headers["Access-Control-Allow-Methods"] = ALLOWED_METHODS
-            response.headers["Access-Control-Allow-Headers"] = ALLOWED_HEADERS
-            response.headers["Access-Control-Max-Age"] = "600"
-            return response
-        return None
-
-    @app.after_request
-    def _finish(response: Response) -> Response:
-        """Add CORS headers and record request count and latency metrics."""
-        origin = cors_origin()
-        if origin is not None:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            if origin != "*":
-                response.vary.add("Origin")
-        kind = "preflight" if request.method == "OPTIONS" else _endpoint_kind(request.path)
-        service_id = (request.view_args or {}).get("service_id", "-")
-        service_label = service_id if service_id in SERVICES or service_id == "-" else "unknown"
-        REQUESTS.labels(kind, service_label, str(response.status_code)).inc()
-        REQUEST_SECONDS.labels(kind, service_label).observe(
-            time.perf_counter() - g.get("started", time.perf_counter())
-        )
-        return response
-
-    @app.errorhandler(AuthError)
-    def _auth_failed(exc: AuthError) -> Response:
-        """Log why a token was refused (iss and jti only) and answer a bare 401."""
-        log.warning(
-            "401 on %s: %s (iss=%s jti=%s)", request.path, exc.reason, log_safe(exc.iss), log_safe(exc.jti)
-        )
-        return _unauthorized()
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        """Werkzeug HTTP errors (404 route, 405, 413) as OperationOutcome bodies."""
-        status = exc.code or 500
-        return _outcome_response(status, exc.name, code="not-found" if status == 404 else "processing")
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        """Any unhandled exception: logged with its trace, answered as a 500 without one."""
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return _outcome_response(500, "Internal error; the service log has the details.", code="exception")
-
-    @app.get(CDS_PREFIX)
-    def discovery() -> Response:
-        """``GET /cds-services``: the discovery document (JWT required)."""
-        caller = authenticate()
-        log.info("discovery (iss=%s jti=%s)", log_safe(caller.iss), log_safe(caller.jti))
-        return jsonify(state.discovery)
-
-    @app.post(f"{CDS_PREFIX}/<service_id>")
-    def hook(service_id: str) -> Response:
-        """``POST /cds-services/{id}``: run the hook pipeline and answer cards or an OperationOutcome."""
-        caller = authenticate()
-        service = SERVICES.get(service_id)
-        if service is None:
-            return _outcome_response(404, f"No CDS service with id {log_safe(service_id)}", code="not-found")
-        body, problem = _json_body()
-        hook_instance = body.get("hookInstance") if isinstance(body, dict) else None
-        log_context = bind_request(service.id, hook_instance if isinstance(hook_instance, str) else "-")
-        try:
-            started = time.perf_counter()
-            if problem is not None:
-                result_status, payload, outcome = (
-                    400,
-                    operation_outcome(problem, code="invalid"),
-                    "bad_request",
-                )
-            else:
-                result = state.pipeline.handle(service, body, caller)
-                result_status, payload, outcome = result.status, result.body, result.outcome
-            count_outcome(service.id, outcome)
-            log.info(
-                "hook %s hookInstance=%s answered %d (%s, %d cards) in %.0f ms (iss=%s tenant=%s jti=%s)",
-                service.hook,
-                log_safe(hook_instance),
-                result_status,
-                outcome,
-                len(payload.get("cards", [])),
-                1000 * (time.perf_counter() - started),
-                log_safe(caller.iss),
-                log_safe(caller.tenant),
-                log_safe(caller.jti),
-            )
-        finally:
-            reset_request(log_context)
-        response = jsonify(payload)
-        response.status_code = result_status
-        if result_status != 200:
-            response.mimetype = FHIR_JSON
-        return response
-
-    @app.post(f"{CDS_PREFIX}/<service_id>/feedback")
-    def feedback(service_id: str) -> Response:
-        """``POST /cds-services/{id}/feedback``: parse and store clinician feedback idempotently."""
-        caller = authenticate()
-        if service_id not in SERVICES:
-            return _outcome_response(404, f"No CDS service with id {log_safe(service_id)}", code="not-found")
-        body, problem = _json_body()
-        if problem is not None:
-            log.info("feedback rejected: %s", problem)
-            return _outcome_response(400, problem, code="invalid")
-        try:
-            items = parse_feedback(body)
-        except FeedbackError as exc:
-            log.info("feedback rejected: %s", exc)
-            return _outcome_response(400, str(exc), code="invalid")
-        added = store_feedback(state.engine, service_id, items, issuer=caller.iss)
-        for item in items:
-            FEEDBACK_ITEMS.labels(item.outcome).inc()
-        log.info(
-            "feedback for %s: %d item(s), %d new (iss=%s jti=%s)",
-            service_id,
-            len(items),
-            added,
-            log_safe(caller.iss),
-            log_safe(caller.jti),
-        )
-        return jsonify({"received": len(items), "stored": added})
-
-    @app.get("/healthz")
-    def healthz() -> Response:
-        """``GET /healthz``: 200 when the model is loaded and the database answers, else 503."""
-        runtime = state.runtime
-        database_ok = ping(state.engine)
-        model_ok = runtime is not None
-        body = {
-            "status": "ok" if database_ok and model_ok else "unavailable",
-            "model": {
-                "loaded": model_ok,
-                "version": str(runtime.version) if model_ok else None,
-                "provider": getattr(runtime, "provider", None) if model_ok else None,
-                "syntheticModel": bool(runtime.trained_on_synthetic) if model_ok else None,
-            },
-            "database": "ok" if database_ok else "unreachable",
-            "auth": "on" if settings.auth else "off",
-        }
-        response = jsonify(body)
-        response.status_code = 200 if database_ok and model_ok else 503
-        return response
-
-    if settings.metrics:
-
-        @app.get("/metrics")
-        def metrics() -> Response:
-            """``GET /metrics``: the Prometheus exposition (all workers' samples in multiprocess mode)."""
-            payload, content_type = render_metrics()
-            return Response(payload, status=200, content_type=content_type)

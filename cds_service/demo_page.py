@@ -3,7 +3,7 @@
 It plays the EHR the way the CDS Hooks Sandbox does (cdshooks.md §9.1), without leaving the
 service: the page lists the FHIR server's patients, shows what the model would read for one of
 them (the metadata features with their units and the Observation that supplied each, and the
-12-lead ECG as the model sees it after :func:`cds_service.signal.prepare_ecg`), fires a hook for
+12-lead ECG as the model sees it after :func:`cds_service.ecg.prepare.prepare_ecg`), fires a hook for
 them and renders the answer as cards. It exists so that a person can judge the cards, their
 wording and the inputs behind them in a browser in a minute, with nothing but ``ecglab demo``.
 
@@ -318,9 +318,17 @@ def _fhir_errors(what: str) -> Iterator[None]:
 
 
 def _inputs(patient_id: str, fhir_client: Any) -> dict[str, Any]:
-    """What the model would read for the patient: features, ECG plot data, or the ECG's problem."""
-    from cds_service.features import EcgRejected, NoEcgError, extract_metadata, extract_model_inputs
-    from cds_service.signal import EcgError, prepare_ecg
+    """What the model would read for the patient: features, ECG plot data, or the ECG's problem.
+
+    The data comes through the hooks' own path (:func:`cds_service.fetch.gather_patient_data` with
+    every prefetch key fetched, then :func:`cds_service.fetch.model_inputs`), so the page shows
+    what a hook call without prefetch would feed the model.
+    """
+    from cds_service.ecg.prepare import prepare_ecg
+    from cds_service.ecg.record import EcgRejected
+    from cds_service.features import NoEcgError, extract_metadata
+    from cds_service.fetch import gather_patient_data, model_inputs
+    from cds_service.prefetch import build_queries
     from fhir_mappings import load_mappings
     from fhir_mappings.signal_spec import MODEL_LEADS, TARGET_FS
 
@@ -328,25 +336,23 @@ def _inputs(patient_id: str, fhir_client: Any) -> dict[str, Any]:
     now = datetime.now(UTC)
     with fhir_client() as client:
         with _fhir_errors("reading the patient's data"):
-            data = client.fetch_patient_data(patient_id, mappings, now=now)
-        loader = client.binary_loader(mappings.ecg.max_attachment_bytes)
+            data = gather_patient_data(build_queries(mappings), patient_id, now=now, client=client)
         problem: dict[str, str] | None = None
         ecg: dict[str, Any] | None = None
         try:
             with _fhir_errors("reading the ECG attachment"):
-                model_inputs = extract_model_inputs(data, mappings=mappings, now=now, binary_loader=loader)
+                inputs = model_inputs(data, mappings=mappings, now=now, client=client)
         except NoEcgError as exc:
             problem = {"kind": "no_ecg", "message": f"No usable ECG: {exc}"}
         except EcgRejected as exc:
-            reason = getattr(exc, "reason", "unknown")
-            problem = {"kind": "ecg_rejected", "message": f"The ECG was rejected ({reason}): {exc}"}
+            problem = {"kind": "ecg_rejected", "message": f"The ECG was rejected ({exc.reason}): {exc}"}
     if problem is not None:
         # No ECG time to anchor the windows on: show the features as of now.
         metadata, sources = extract_metadata(data.patient, data.observations, mappings, now)
         anchor = now
     else:
-        metadata, sources = model_inputs.metadata, model_inputs.sources
-        record = model_inputs.ecg
+        metadata, sources = inputs.metadata, inputs.sources
+        record = inputs.ecg
         anchor = record.recorded_at
         ecg = {
             "reference": record.reference,
@@ -358,7 +364,7 @@ def _inputs(patient_id: str, fhir_client: Any) -> dict[str, Any]:
         }
         try:
             prepared = prepare_ecg(record.signal, record.fs, record.lead_names, mappings.ecg.lead_aliases)
-        except EcgError as exc:
+        except EcgRejected as exc:
             problem = {"kind": "bad_signal", "message": f"The ECG cannot be prepared ({exc.reason}): {exc}"}
         else:
             plot = decimate_for_plot(prepared)

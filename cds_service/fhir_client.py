@@ -9,14 +9,14 @@ Rules the client enforces, whatever the server does:
 * **Headers.** ``Accept: application/fhir+json`` always; ``Authorization: Bearer <token>`` when the
   hook passed ``fhirAuthorization``.
 * **Time.** One timeout for connect, read, write and pool wait (``timeout``), further cut to what
-  is left of the caller's ``deadline`` (a :func:`time.monotonic` value). The searches of one hook
-  run concurrently on a thread pool owned by the client (thread-safe: gunicorn threads share it).
+  is left of the caller's ``deadline`` (a :func:`time.monotonic` value). The client is
+  thread-safe: :mod:`cds_service.fetch` runs one hook's queries on it concurrently.
 * **Origin.** Redirects are never followed (``follow_redirects=False``; a 3xx is an error), and
   ``Bundle.link[next]`` and attachment URLs are followed only on the server's own origin
   (scheme, host and port): a token is never sent elsewhere. Paging stops after ``max_pages``.
-* **Portable searches.** Only parameters that both test servers (sekmet, Medplum) and HAPI
-  support: ``subject=Patient/X``, ``code=system|code,…`` lists, ``date=ge…``, ``_sort=-date``,
-  ``_count``; nothing that relies on a server ignoring unknown parameters.
+* **Queries are the caller's.** The client runs the reads and searches it is given; the one set
+  of queries (portable parameters only: ``subject=Patient/X``, ``code=system|code,…`` lists,
+  ``date=ge…``, ``_sort``, ``_count``) is :mod:`cds_service.prefetch`.
 * **Privacy.** Log lines and error messages name the interaction ("search Observation"), never a
   URL, a patient id or the token; the ``httpx``/``httpcore`` loggers (which log full URLs at
   INFO) are set to WARNING when this module is imported.
@@ -40,21 +40,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import concurrent.futures
 import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
-from cds_service.ecg_readers import media_type
-from cds_service.features import PatientData
+from cds_service.fhir_values import media_type
 from cds_service.observability import protect_library_loggers
 from fhir_mappings.errors import EcglabError, InputError
 
@@ -73,15 +69,6 @@ DEFAULT_TIMEOUT_S: float = 0.5
 
 DEFAULT_MAX_PAGES: int = 3
 """Pages of one search followed at most (``Bundle.link[next]``)."""
-
-OBSERVATION_PAGE_SIZE: int = 100
-"""``_count`` for vital-sign, biometric and lab Observations and for ServiceRequests."""
-
-ECG_PAGE_SIZE: int = 5
-"""``_count`` for ECG resources: each can be hundreds of kB, and only the newest few matter."""
-
-LAB_LOOKBACK: timedelta = timedelta(days=7)
-"""How far back lab results are fetched (the service shows or de-duplicates recent results)."""
 
 # FHIR R4 caps ids at 64 characters, but Epic hands out longer ones (cdshooks.md §0): accept up to
 # 256 of the id alphabet, which still keeps ids from changing the request path.
@@ -143,137 +130,6 @@ _STATUS_ERRORS: dict[int, type[FhirError]] = {
 }
 
 
-@dataclass(frozen=True)
-class Query:
-    """One search of a hook's fetch: a name for logs, the resource type and its parameters."""
-
-    name: str
-    resource_type: str
-    params: list[tuple[str, str]]
-
-
-def _token_list(codings: Sequence[Any]) -> str:
-    """``system|code`` tokens joined by commas (FHIR OR), duplicates removed, order kept."""
-    tokens = [f"{c.system}|{c.code}" if c.system else str(c.code) for c in codings]
-    return ",".join(dict.fromkeys(tokens))
-
-
-def _instant(when: datetime) -> str:
-    """A FHIR dateTime in UTC with a ``Z`` suffix (no ``+`` to escape in URLs)."""
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def build_queries(mappings: Any, patient_id: str, now: datetime) -> list[Query]:
-    """The searches that gather one patient's model inputs, all driven by ``fhir_mappings``.
-
-    * vital-sign and biometric Observations: one search per distinct time window (vital signs
-      ±30 min, biometrics ±30 days), each with its features' codes and blood-pressure panel codes,
-      from the oldest instant they could matter (oldest acceptable ECG minus the window), newest
-      first. Separate searches keep frequent vital signs from crowding weight and height out of
-      the page limit;
-    * ECG Observations, Media and DocumentReferences newer than the ECG maximum age (Media has no
-      ``code`` search parameter on every server, so its codes are checked after fetching);
-    * lab result Observations of the last :data:`LAB_LOOKBACK`;
-    * active or draft ServiceRequests for the labs the model can recommend.
-    """
-    subject = ("subject", f"Patient/{patient_id}")
-    ecg = mappings.ecg
-    oldest_ecg = now - timedelta(minutes=int(ecg.max_age_minutes))
-    by_window: dict[int, list[Any]] = {}
-    for feature in mappings.features:
-        if feature.fhir.kind != "observation" or feature.window is None:
-            continue
-        codes = by_window.setdefault(int(feature.window.before_min), [])
-        codes.extend(feature.fhir.codes)
-        codes.extend(ref.panel for ref in feature.fhir.components)
-    queries = [
-        Query(
-            f"observations_{before}min",
-            "Observation",
-            [
-                subject,
-                ("code", _token_list(codes)),
-                ("date", "ge" + _instant(oldest_ecg - timedelta(minutes=before))),
-                ("_sort", "-date"),
-                ("_count", str(OBSERVATION_PAGE_SIZE)),
-            ],
-        )
-        for before, codes in sorted(by_window.items())
-    ]
-    since = ("date", "ge" + _instant(oldest_ecg))
-    if ecg.observation_codes:
-        queries.append(
-            Query(
-                "ecg_observations",
-                "Observation",
-                [
-                    subject,
-                    ("code", _token_list(ecg.observation_codes)),
-                    since,
-                    ("_sort", "-date"),
-                    ("_count", str(ECG_PAGE_SIZE)),
-                ],
-            )
-        )
-    if ecg.media_codes:
-        queries.append(
-            Query(
-                "ecg_media",
-                "Media",
-                [
-                    subject,
-                    ("created", "ge" + _instant(oldest_ecg)),
-                    ("_sort", "-created"),
-                    ("_count", str(ECG_PAGE_SIZE)),
-                ],
-            )
-        )
-    if ecg.document_codes:
-        queries.append(
-            Query(
-                "ecg_documents",
-                "DocumentReference",
-                [
-                    subject,
-                    ("type", _token_list(ecg.document_codes)),
-                    since,
-                    ("_sort", "-date"),
-                    ("_count", str(ECG_PAGE_SIZE)),
-                ],
-            )
-        )
-    result_codes = [code for lab in mappings.labs for code in lab.result_codes]
-    if result_codes:
-        queries.append(
-            Query(
-                "lab_results",
-                "Observation",
-                [
-                    subject,
-                    ("code", _token_list(result_codes)),
-                    ("date", "ge" + _instant(now - LAB_LOOKBACK)),
-                    ("_sort", "-date"),
-                    ("_count", str(OBSERVATION_PAGE_SIZE)),
-                ],
-            )
-        )
-    order_codes = [lab.order_code for lab in mappings.labs if lab.order_code is not None]
-    if order_codes:
-        queries.append(
-            Query(
-                "service_requests",
-                "ServiceRequest",
-                [
-                    subject,
-                    ("status", "active,draft"),
-                    ("code", _token_list(order_codes)),
-                    ("_count", str(OBSERVATION_PAGE_SIZE)),
-                ],
-            )
-        )
-    return queries
-
-
 class FhirClient:
     """FHIR R4 client bound to one server base URL and (optionally) one bearer token.
 
@@ -285,7 +141,7 @@ class FhirClient:
         timeout: seconds for each of connect, read, write and pool wait.
         max_pages: search pages followed at most.
         transport: an httpx transport (tests pass :class:`httpx.MockTransport`).
-        max_workers: threads running one hook's searches concurrently.
+        max_workers: requests expected in flight at once (sizes the connection pool).
     """
 
     def __init__(
@@ -319,7 +175,6 @@ class FhirClient:
             transport=transport,
             limits=httpx.Limits(max_connections=4 * max_workers, max_keepalive_connections=2 * max_workers),
         )
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fhir")
 
     def __repr__(self) -> str:
         return f"FhirClient({self.base_url!r}, timeout={self.timeout}, max_pages={self.max_pages})"
@@ -327,8 +182,7 @@ class FhirClient:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Close pooled connections and stop the worker threads."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Close the pooled connections."""
         self._http.close()
 
     def __enter__(self) -> Self:
@@ -349,7 +203,7 @@ class FhirClient:
             FhirError: a subclass per failure (see the module docstring).
         """
         _check_type(resource_type)
-        _check_id(rid, f"{resource_type} id")
+        check_id(rid, f"{resource_type} id")
         what = f"read {resource_type}"
         response = self._get(f"{self.base_url}/{resource_type}/{rid}", None, what, deadline)
         return _resource(response, resource_type, what)
@@ -466,69 +320,6 @@ class FhirClient:
 
         return load
 
-    def fetch_patient_data(
-        self, patient_id: str, mappings: Any, *, deadline: float | None = None, now: datetime | None = None
-    ) -> PatientData:
-        """Read the Patient and run the searches of :func:`build_queries` concurrently.
-
-        Args:
-            patient_id: the FHIR Patient id (the hook's ``context.patientId``).
-            mappings: the loaded ``fhir_mappings``.
-            deadline: :func:`time.monotonic` instant by which everything must be back.
-            now: the reference time for the date filters (default: the current UTC time).
-
-        Raises:
-            InputError: ``patient_id`` is not a FHIR id.
-            FhirError: the first failure among the requests (unknown patient → FhirNotFound);
-                :class:`FhirTimeout` when the deadline passes first.
-        """
-        _check_id(patient_id, "patient id")
-        started = time.perf_counter()
-        queries = build_queries(mappings, patient_id, now or datetime.now(UTC))
-        futures: dict[concurrent.futures.Future[Any], str] = {
-            self._pool.submit(self.read, "Patient", patient_id, deadline=deadline): "patient"
-        }
-        for q in queries:
-            futures[self._pool.submit(self.search, q.resource_type, q.params, deadline=deadline)] = q.name
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        done, pending = concurrent.futures.wait(
-            futures, timeout=remaining, return_when=concurrent.futures.FIRST_EXCEPTION
-        )
-        for future in done:
-            error = future.exception()
-            if error is not None:
-                for other in pending:
-                    other.cancel()
-                raise error
-        if pending:
-            for other in pending:
-                other.cancel()
-            raise FhirTimeout(
-                f"fetching patient data: {len(pending)} of {len(futures)} requests missed the deadline"
-            )
-        results = {name: future.result() for future, name in futures.items()}
-        data = PatientData(
-            patient=results["patient"],
-            observations=[r for q in queries if q.name.startswith("observations_") for r in results[q.name]],
-            ecgs=[
-                *results.get("ecg_observations", []),
-                *results.get("ecg_media", []),
-                *results.get("ecg_documents", []),
-            ],
-            lab_results=results.get("lab_results", []),
-            service_requests=results.get("service_requests", []),
-        )
-        log.debug(
-            "FHIR fetch: %d requests, %d observations, %d ECG resources, %d lab results, %d orders in %.0f ms",
-            len(futures),
-            len(data.observations),
-            len(data.ecgs),
-            len(data.lab_results),
-            len(data.service_requests),
-            1000 * (time.perf_counter() - started),
-        )
-        return data
-
     # ------------------------------------------------------------------ internals
 
     def _timeout(self, deadline: float | None, what: str) -> httpx.Timeout:
@@ -583,8 +374,8 @@ def _origin(url: httpx.URL) -> tuple[str, str, int]:
     return (url.scheme, url.host.lower(), url.port or _DEFAULT_PORTS.get(url.scheme, 0))
 
 
-def _check_id(value: str, what: str) -> None:
-    """Refuse ids that are not FHIR ids (they would change the request path)."""
+def check_id(value: str, what: str) -> None:
+    """Refuse ids that are not FHIR ids (they would change the request path): :class:`InputError`."""
     if not isinstance(value, str) or not _FHIR_ID.fullmatch(value):
         raise InputError(f"{what} is not a valid FHIR id (1-256 characters of A-Z, a-z, 0-9, '-', '.')")
 

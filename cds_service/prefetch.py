@@ -1,11 +1,18 @@
-"""Prefetch: the templates the service asks EHRs for, and turning what they send into PatientData.
+"""Prefetch: the one set of FHIR queries of a hook call, and decoding what the EHR sends for them.
 
-Templates (CDS Hooks 2.0 §Prefetch) are built from ``fhir_mappings`` so that the codes the EHR is
-asked for are exactly the codes the feature extractor reads. Only the 2.0 "recommended subset" is
-used (instance read, ``subject=Patient/…`` reference search, token ``code=`` lists, ``_sort``, ``_count``):
-no relative dates, since 2.0 has none; windows are applied in code instead. The same
-:class:`PrefetchQuery` objects serve as the fallback queries when a key is missing and the service
-reads the FHIR server itself, so prefetched and self-fetched data are the same query.
+Each :class:`PrefetchQuery` is one prefetch key, built from ``fhir_mappings`` so that the codes
+the EHR is asked for are exactly the codes the feature extractor reads. The same objects serve
+both routes to the data: discovery renders them as templates, and when a key is missing the
+service binds the very same query and runs it itself (:mod:`cds_service.fetch`). Prefetched and
+self-fetched data are therefore the same query, whatever the EHR sent.
+
+Templates use only the CDS Hooks 2.0 "recommended subset" (instance read, ``subject=Patient/…``
+reference search, token ``code=`` lists, ``_sort``, ``_count``): 2.0 has no relative dates, so
+a template carries no date filter. A query bound by the service adds its :class:`DateFilter`
+(``date=ge…``/``created=ge…``) computed from the caller's clock: the oldest ECG the model accepts
+(``ecg.max_age_minutes``), minus the widest feature window for vital signs and biometrics, and
+:data:`LAB_LOOKBACK` for lab results. The feature extractor applies the exact windows to whatever
+arrives, so the filter only trims what cannot matter.
 
 Decoding follows the prefetch-state table of cdshooks.md §4 (HAPI's auto-prefetch rules):
 
@@ -28,12 +35,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
 
 from fhir_mappings import Coding, Mappings
-
-if TYPE_CHECKING:
-    from cds_service.features import PatientData
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,8 @@ PATIENT_TOKEN = "{{context.patientId}}"
 MAX_TEMPLATE_CHARS = 1800  # well under the ~2 KB GET limit of older proxies and browsers
 PAGE_SIZE = 100  # vital-sign, biometric and lab Observations, ServiceRequests
 ECG_COUNT = 5  # ECG resources carry the waveform (hundreds of KB each): only the newest few
+LAB_LOOKBACK = timedelta(days=7)
+"""How far back the service reads lab results itself (cards skip recently resulted labs)."""
 
 DataField = Literal["patient", "observations", "ecgs", "lab_results", "service_requests"]
 
@@ -57,12 +64,30 @@ PATIENT, VITALS, ECG_OBSERVATIONS, ECG_MEDIA, ECG_DOCUMENTS, LABS, ORDERS = (
 
 
 @dataclass(frozen=True)
+class DateFilter:
+    """The date filter a self-fetched search adds: ``param=ge<now - lookback>``.
+
+    ``param`` is the search parameter on the resource's clinically relevant time (``date`` for
+    Observation and DocumentReference, ``created`` for Media).
+    """
+
+    param: str
+    lookback: timedelta
+
+    def bind(self, now: datetime) -> tuple[str, str]:
+        """The search parameter for the reference time ``now`` (a FHIR instant in UTC, ``Z`` suffix)."""
+        since = (now - self.lookback).astimezone(UTC)
+        return (self.param, "ge" + since.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+@dataclass(frozen=True)
 class PrefetchQuery:
     """One prefetch key: a FHIR read or search on the current patient, and where its data goes.
 
     ``params`` values may contain ``{{context.patientId}}``; :meth:`template` renders the discovery
-    string, :meth:`bind` the concrete query for a fallback fetch (values are URL-encoded by the
-    HTTP client, never spliced into a URL by hand).
+    string, :meth:`bind` the concrete query the service runs itself (values are URL-encoded by the
+    HTTP client, never spliced into a URL by hand). ``since`` is the date filter of that concrete
+    query; templates leave it out.
     """
 
     key: str
@@ -70,6 +95,7 @@ class PrefetchQuery:
     resource_type: str
     params: tuple[tuple[str, str], ...] = ()
     read: bool = False
+    since: DateFilter | None = None
 
     def template(self) -> str:
         """The discovery template string, e.g. ``Observation?patient={{context.patientId}}&code=...``."""
@@ -77,9 +103,17 @@ class PrefetchQuery:
             return f"{self.resource_type}/{PATIENT_TOKEN}"
         return f"{self.resource_type}?" + "&".join(f"{name}={value}" for name, value in self.params)
 
-    def bind(self, patient_id: str) -> list[tuple[str, str]]:
-        """Search parameters with the patient id filled in (for :meth:`FhirClient.search`)."""
-        return [(name, value.replace(PATIENT_TOKEN, patient_id)) for name, value in self.params]
+    def bind(self, patient_id: str, now: datetime | None) -> list[tuple[str, str]]:
+        """Search parameters with the patient id filled in (for :meth:`FhirClient.search`).
+
+        With ``now`` the date filter is added before the result parameters (``_sort``,
+        ``_count``); with ``None`` the query is the template's, as an EHR runs it for prefetch.
+        """
+        params = [(name, value.replace(PATIENT_TOKEN, patient_id)) for name, value in self.params]
+        if now is not None and self.since is not None:
+            at = next((i for i, (name, _) in enumerate(params) if name.startswith("_")), len(params))
+            params.insert(at, self.since.bind(now))
+        return params
 
 
 @dataclass
@@ -105,29 +139,40 @@ def code_param(codings: Iterable[Coding], *, budget: int) -> str:
 
 
 def build_queries(mappings: Mappings) -> tuple[PrefetchQuery, ...]:
-    """The prefetch queries, built from the feature, lab and ECG codes of ``fhir_mappings``.
+    """The prefetch queries, built from the feature, lab, order and ECG codes of ``fhir_mappings``.
 
-    They mirror :func:`cds_service.fhir_client.build_queries` (same resources, codes, sort and
-    page sizes) minus its date filters, which CDS Hooks 2.0 templates cannot express; the feature
-    extractor applies the time windows to whatever arrives. A query whose code list would be
-    empty is left out, as the FHIR client leaves it out.
+    Date filters (module docstring): ECG searches look back ``ecg.max_age_minutes``, the vital
+    sign and biometric search that plus the widest feature window before the ECG, lab results
+    :data:`LAB_LOOKBACK`; the Patient read and the open orders have none. A query whose code
+    list would be empty is left out.
     """
     vital_codes: list[Coding] = []
+    widest_window = 0
     for spec in mappings.features:
         source = spec.fhir
         if source.kind != "observation":
             continue
         vital_codes.extend(source.codes)
         vital_codes.extend(ref.panel for ref in source.components)
+        if spec.window is not None:
+            widest_window = max(widest_window, int(spec.window.before_min))
     lab_codes = [coding for lab in mappings.labs for coding in lab.result_codes]
     order_codes = [lab.order_code for lab in mappings.labs if lab.order_code is not None]
     ecg = mappings.ecg
     subject = ("subject", f"Patient/{PATIENT_TOKEN}")
     budget = MAX_TEMPLATE_CHARS - 120
+    ecg_age = timedelta(minutes=int(ecg.max_age_minutes))
+    since: dict[str, DateFilter] = {
+        VITALS: DateFilter("date", ecg_age + timedelta(minutes=widest_window)),
+        ECG_OBSERVATIONS: DateFilter("date", ecg_age),
+        ECG_MEDIA: DateFilter("created", ecg_age),
+        ECG_DOCUMENTS: DateFilter("date", ecg_age),
+        LABS: DateFilter("date", LAB_LOOKBACK),
+    }
 
     def search(key: str, target: DataField, resource_type: str, *params: tuple[str, str]) -> PrefetchQuery:
         """A search query on the current patient (``subject=Patient/{{context.patientId}}`` first)."""
-        return PrefetchQuery(key, target, resource_type, (subject, *params))
+        return PrefetchQuery(key, target, resource_type, (subject, *params), since=since.get(key))
 
     queries = [PrefetchQuery(PATIENT, "patient", "Patient", read=True)]
     if vital_codes:
@@ -251,23 +296,3 @@ def decode_prefetch(prefetch: Mapping[str, Any] | None, queries: Sequence[Prefet
         else:
             decoded.resources[query.key] = resources
     return decoded
-
-
-def assemble(resources: Mapping[str, list[dict[str, Any]]], queries: Sequence[PrefetchQuery]) -> PatientData:
-    """Merge per-key resources (prefetched or fetched) into one ``PatientData``."""
-    from cds_service.features import PatientData
-
-    fields: dict[str, list[dict[str, Any]]] = {
-        "observations": [],
-        "ecgs": [],
-        "lab_results": [],
-        "service_requests": [],
-    }
-    patient: dict[str, Any] | None = None
-    for query in queries:
-        found = resources.get(query.key, [])
-        if query.target == "patient":
-            patient = found[0] if found else None
-        else:
-            fields[query.target].extend(found)
-    return PatientData(patient=patient, **fields)

@@ -6,8 +6,9 @@ the service uses (ONNX Runtime, manifest-driven encoding), not through PyTorch. 
 ``study_id`` plus one probability column per target, named exactly as in ``labels.parquet``, so
 the two files join on ``study_id`` for any metric.
 
-With ``--fhir-url`` and ``--patient`` it scores patients on a FHIR server through the same client
-and feature extraction the hooks use, and prints a table.
+With ``--fhir-url`` and ``--patient`` it scores patients on a FHIR server through the data path
+the hooks use (:func:`cds_service.fetch.gather_patient_data` with every prefetch key fetched,
+then :func:`cds_service.fetch.model_inputs`), and prints a table.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--patient", action="append", default=[], help="Patient id on --fhir-url (repeatable)"
     )
     parser.add_argument("--token", help="bearer token for --fhir-url (default: $ECGLAB_FHIR_TOKEN)")
+    parser.add_argument(
+        "--variant",
+        choices=("auto", "fp32", "int8"),
+        default="auto",
+        help="model graph: fp32, int8 (from 'ecglab quantize') or auto = fastest within its accuracy bounds",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InputError("--batch-size must be at least 1")
     providers = args.providers.split(",") if args.providers else None
-    runtime = ModelRuntime.load(args.model, providers)
+    runtime = ModelRuntime.load(args.model, providers, variant=args.variant)
     if args.data is not None:
         if args.out is None:
             raise InputError("--out FILE.parquet is required with --data")
@@ -121,26 +128,28 @@ def _score_fhir(
     runtime: object, base_url: str, patients: list[str], token: str | None, out: Path | None
 ) -> int:
     import os
+    from datetime import UTC, datetime
 
-    from cds_service.features import EcgRejected, NoEcgError, extract_model_inputs
+    from cds_service.ecg.record import EcgRejected
+    from cds_service.features import NoEcgError
+    from cds_service.fetch import gather_patient_data, model_inputs
     from cds_service.fhir_client import FhirClient, FhirError
     from cds_service.inference import ModelRuntime
+    from cds_service.prefetch import build_queries
     from fhir_mappings import load_mappings
 
     assert isinstance(runtime, ModelRuntime)
     mappings = load_mappings()
+    queries = build_queries(mappings)
     token = token or os.environ.get("ECGLAB_FHIR_TOKEN")
     results: dict[str, object] = {}
     with FhirClient(base_url, token, timeout=10.0) as client:
         for index, patient_id in enumerate(patients, start=1):
             label = f"patient #{index}"
+            now = datetime.now(UTC)
             try:
-                data = client.fetch_patient_data(patient_id, mappings)
-                inputs = extract_model_inputs(
-                    data,
-                    mappings=mappings,
-                    binary_loader=lambda url: client.get_binary(url, mappings.ecg.max_attachment_bytes),
-                )
+                data = gather_patient_data(queries, patient_id, now=now, client=client)
+                inputs = model_inputs(data, mappings=mappings, now=now, client=client)
             except (NoEcgError, EcgRejected) as exc:
                 print(f"{label}: no prediction ({exc})")
                 results[patient_id] = {"error": str(exc)}

@@ -262,10 +262,7 @@ def build_demo_app(
 
 def dispose_app(app: Flask) -> None:
     """Stop the thread pools and the database engine of an app from :func:`build_demo_app`."""
-    state = app.extensions["ecglab"]
-    state.pipeline.deps.executor.shutdown(wait=False, cancel_futures=True)
-    state.pipeline.deps.fhir_executor.shutdown(wait=False, cancel_futures=True)
-    state.engine.dispose()
+    app.extensions["ecglab"].close()
 
 
 # -- live server -------------------------------------------------------------------------------------------

@@ -522,8 +522,8 @@ AppFactory = Callable[..., Flask]
 def app_factory(service_env: ServiceEnv) -> Iterator[AppFactory]:
     """Yields ``make_app(runtime=..., fhir=MockFhir, **settings)`` → a Flask app wired to test doubles.
 
-    Test modules wrap it in a fixture (``yield from app_factory(service_env)``); the apps' thread
-    pools and database engines are closed afterwards.
+    Test modules wrap it in a fixture (``yield from app_factory(service_env)``); afterwards each
+    app is closed through its own close hook (thread pools and database engine).
     """
     from cds_service.app import create_app
 
@@ -540,10 +540,7 @@ def app_factory(service_env: ServiceEnv) -> Iterator[AppFactory]:
 
     yield factory
     for app in built:
-        state = app.extensions["ecglab"]
-        state.pipeline.deps.executor.shutdown(wait=False, cancel_futures=True)
-        state.pipeline.deps.fhir_executor.shutdown(wait=False, cancel_futures=True)
-        state.engine.dispose()
+        app.extensions["ecglab"].close()
 
 
 # Fixtures: this module is a pytest plugin (tests/conftest.py), so every service test shares them.

@@ -1,4 +1,5 @@
-"""The ``ecglab`` console command: subcommand listing, version, errors, and the torch-free service."""
+"""The ``ecglab`` console command: subcommand listing, version, errors, the torch-free service, and
+``score --fhir-url`` reading patients through the hooks' data path."""
 
 from __future__ import annotations
 
@@ -87,3 +88,49 @@ def test_service_imports_without_torch_or_training_extras() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_score_fhir_reads_patients_through_the_hooks_data_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ecglab score --fhir-url`` sends exactly the hooks' bound prefetch queries and scores the patient."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    import httpx
+
+    from cds_service import fhir_client
+    from cds_service.prefetch import build_queries
+    from fhir_mappings import load_mappings
+    from tests.onnx_fixtures import build_toy_model_dir
+    from tests.service_fixtures import EHR_FHIR, PATIENT_ID, MockFhir, clinical_record
+
+    fhir = MockFhir([r for rs in clinical_record().values() for r in rs])
+
+    class MockedClient(fhir_client.FhirClient):
+        """The real client, talking to the in-memory FHIR server."""
+
+        def __init__(self, base_url: str, access_token: str | None = None, **kw: object) -> None:
+            super().__init__(base_url, access_token, transport=fhir.transport, timeout=10.0)
+
+    monkeypatch.setattr(fhir_client, "FhirClient", MockedClient)
+    build_toy_model_dir(tmp_path / "model")
+    out = tmp_path / "scores.json"
+    before = datetime.now(UTC).replace(microsecond=0)
+    argv = ["score", "--model", str(tmp_path / "model"), "--fhir-url", EHR_FHIR, "--patient", PATIENT_ID]
+    assert main([*argv, "--providers", "CPUExecutionProvider", "--out", str(out)]) == 0
+    after = datetime.now(UTC).replace(microsecond=0)
+    scores = json.loads(out.read_text())
+    assert set(scores) == {PATIENT_ID} and "error" not in scores[PATIENT_ID]
+    assert "patient #1:" in capsys.readouterr().out
+    sent = sorted(str(r.url) for r in fhir.requests)
+    candidates = [
+        sorted(
+            f"{EHR_FHIR}/Patient/{PATIENT_ID}"
+            if q.read
+            else str(httpx.URL(f"{EHR_FHIR}/{q.resource_type}", params=q.bind(PATIENT_ID, now)))
+            for q in build_queries(load_mappings())
+        )
+        for now in (before + timedelta(seconds=s) for s in range(int((after - before).total_seconds()) + 1))
+    ]
+    assert sent in candidates

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -181,6 +182,29 @@ def test_inputs_without_an_ecg_report_no_ecg_and_still_list_features(client: Fla
     rows = {row["key"]: row for row in body["features"]}
     assert rows["heart_rate"]["shown"] == "64.0"
     assert rows["temperature"]["missing"] is True
+
+
+def test_inputs_read_the_patient_with_the_hooks_prefetch_queries(tmp_path: Path, world: DemoWorld) -> None:
+    """The page reads through the hooks' data path: one request per prefetch key, each its bound query."""
+    from cds_service.prefetch import build_queries
+    from fhir_mappings import load_mappings
+
+    app, mock = build_demo_app(tmp_path, world)
+    try:
+        assert app.test_client().get("/demo/api/patients/pat-ada/inputs").status_code == 200
+    finally:
+        dispose_app(app)
+    queries = build_queries(load_mappings())
+    assert len(mock.requests) == len(queries)
+    sent = sorted((r.url.path.rsplit("/", 1)[-1], tuple(r.url.params.keys())) for r in mock.requests)
+    now = datetime.now(UTC)
+    expected = sorted(
+        ("pat-ada", ()) if q.read else (q.resource_type, tuple(name for name, _ in q.bind("pat-ada", now)))
+        for q in queries
+    )
+    assert sent == expected
+    filters = [r.url.params.get("date") or r.url.params.get("created") for r in mock.requests]
+    assert sum(1 for f in filters if f and f.startswith("ge")) == sum(1 for q in queries if q.since)
 
 
 def test_inputs_of_an_unknown_patient_are_404(client: FlaskClient) -> None:

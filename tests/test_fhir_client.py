@@ -1,4 +1,6 @@
-"""The FHIR client against ``httpx.MockTransport``: headers, paging, origin rules, errors, logging.
+"""The FHIR client against ``httpx.MockTransport``: headers, paging, origin rules, errors, logging;
+and the data path on top of it (``cds_service.fetch``): every missing prefetch key read with its
+bound query, concurrently, within the deadline.
 
 Each test pins one rule of ``cds_service.fhir_client`` (module docstring); CDS Hooks 2.0 §"FHIR
 Resource Access" for the bearer token, FHIR R4 §3.1.0 (RESTful API: search paging via
@@ -8,6 +10,7 @@ Resource Access" for the bearer token, FHIR R4 §3.1.0 (RESTful API: search pagi
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import logging
 import threading
@@ -19,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cds_service.fetch import MissingData, fetch_keys, gather_patient_data
 from cds_service.fhir_client import (
     FhirClient,
     FhirConnectionError,
@@ -30,8 +34,8 @@ from cds_service.fhir_client import (
     FhirTimeout,
     FhirTooLarge,
     FhirUnauthorized,
-    build_queries,
 )
+from cds_service.prefetch import build_queries
 from fhir_mappings import load_mappings
 from fhir_mappings.errors import InputError
 
@@ -366,7 +370,7 @@ def test_get_binary_bad_base64_is_malformed() -> None:
         client.get_binary("Binary/4", 100)
 
 
-# --------------------------------------------------------------------------- fetch_patient_data
+# --------------------------------------------------------------------------- the data path (cds_service.fetch)
 
 
 @pytest.fixture(scope="module")
@@ -390,50 +394,89 @@ def _routing_handler(requests: list[httpx.Request], barrier: threading.Barrier |
     return handler
 
 
-def test_fetch_patient_data_uses_portable_searches_from_mappings(mappings: Any) -> None:
-    """Searches use subject=Patient/X, system|code lists from fhir_mappings, date=ge, _sort, _count; no unknown params."""
-    requests: list[httpx.Request] = []
-    with _client(_routing_handler(requests)) as client:
-        data = client.fetch_patient_data(PATIENT, mappings, now=NOW)
-    assert data.patient == {"resourceType": "Patient", "id": PATIENT, "gender": "female"}
-    searches = {
+def _by_query(requests: list[httpx.Request]) -> dict[tuple[str, ...], httpx.Request]:
+    """Requests keyed by (path tail, code/type token list) so a test can pick one search."""
+    return {
         (r.url.path.rsplit("/", 1)[-1], r.url.params.get("code") or r.url.params.get("type") or ""): r
         for r in requests
     }
-    assert len(requests) == 1 + len(build_queries(mappings, PATIENT, NOW))
+
+
+def test_nothing_prefetched_fetches_every_key_with_its_bound_query(mappings: Any) -> None:
+    """One read and one search per prefetch key, each exactly its query bound at ``now`` (date filter included)."""
+    queries = build_queries(mappings)
+    requests: list[httpx.Request] = []
+    with _client(_routing_handler(requests)) as client:
+        data = gather_patient_data(queries, PATIENT, now=NOW, client=client)
+    assert data.patient == {"resourceType": "Patient", "id": PATIENT, "gender": "female"}
+    assert len(requests) == len(queries)
+    sent = sorted((r.url.path.rsplit("/", 1)[-1], tuple(r.url.params.multi_items())) for r in requests)
+    expected = sorted(
+        (PATIENT, ()) if q.read else (q.resource_type, tuple(q.bind(PATIENT, NOW))) for q in queries
+    )
+    assert sent == expected
     allowed = {"subject", "code", "type", "date", "created", "status", "_sort", "_count"}
     for request in requests:
-        if request.url.path.endswith(f"Patient/{PATIENT}"):
-            continue
-        assert request.url.params["subject"] == f"Patient/{PATIENT}"
-        assert set(request.url.params.keys()) <= allowed
+        if not request.url.path.endswith(f"Patient/{PATIENT}"):
+            assert request.url.params["subject"] == f"Patient/{PATIENT}"
+            assert set(request.url.params.keys()) <= allowed
+    searches = _by_query(requests)
     vitals = next(r for key, r in searches.items() if key[0] == "Observation" and "8867-4" in key[1])
-    assert "http://loinc.org|8867-4" in vitals.url.params["code"].split(",")
-    assert "http://loinc.org|85354-9" in vitals.url.params["code"].split(",")
-    assert vitals.url.params["_sort"] == "-date"
-    # vital signs: now − 24 h (ECG max age) − 30 min; biometrics: − 30 days, in their own search
-    assert vitals.url.params["date"] == "ge2025-05-31T11:30:00Z"
-    biometrics = next(r for key, r in searches.items() if key[0] == "Observation" and "29463-7" in key[1])
-    assert biometrics.url.params["date"] == "ge2025-05-01T12:00:00Z"
-    assert "8867-4" not in biometrics.url.params["code"]
+    assert {"http://loinc.org|8867-4", "http://loinc.org|29463-7"} <= set(
+        vitals.url.params["code"].split(",")
+    )
+    # one search for vital signs and biometrics: now − 120 min (ECG max age) − 30 days (widest window)
+    assert vitals.url.params["date"] == "ge2025-05-02T10:00:00Z"
+    ecg = next(r for key, r in searches.items() if key[0] == "Observation" and "11524-6" in key[1])
+    assert ecg.url.params["date"] == "ge2025-06-01T10:00:00Z"
     media = next(r for r in requests if r.url.path.endswith("/Media"))
-    assert set(media.url.params.keys()) == {"subject", "created", "_sort", "_count"}
+    assert media.url.params["created"] == "ge2025-06-01T10:00:00Z"
+    labs = next(r for key, r in searches.items() if key[0] == "Observation" and "33762-6" in key[1])
+    assert labs.url.params["date"] == "ge2025-05-25T12:00:00Z"
     orders = next(r for r in requests if r.url.path.endswith("/ServiceRequest"))
-    assert orders.url.params["status"] == "active,draft"
+    assert orders.url.params["status"] == "active,draft" and "date" not in orders.url.params
 
 
-def test_fetch_patient_data_runs_queries_concurrently(mappings: Any) -> None:
-    """All of one hook's requests are in flight at once (a barrier of all of them must open)."""
+def test_prefetched_keys_are_not_fetched_and_land_where_fetched_ones_would(mappings: Any) -> None:
+    """Only the missing keys are read; prefetched and fetched resources merge into one PatientData."""
+    queries = build_queries(mappings)
     requests: list[httpx.Request] = []
-    n = 1 + len(build_queries(mappings, PATIENT, NOW))
-    barrier = threading.Barrier(n, timeout=5)
-    with _client(_routing_handler(requests, barrier), max_workers=n) as client:
-        client.fetch_patient_data(PATIENT, mappings, now=NOW)
-    assert len(requests) == n and not barrier.broken
+    prefetched = {q.key: [] for q in queries if q.key not in ("patient", "labs")}
+    prefetched["ecgObservations"] = [_obs(9)]
+    with _client(_routing_handler(requests)) as client:
+        data = gather_patient_data(queries, PATIENT, now=NOW, prefetched=prefetched, client=client)
+    labs = next(q for q in queries if q.key == "labs")
+    assert sorted(str(r.url) for r in requests) == sorted(
+        [
+            f"{BASE}/Patient/{PATIENT}",
+            str(httpx.URL(f"{BASE}/Observation", params=labs.bind(PATIENT, NOW))),
+        ]
+    )
+    assert data.patient is not None and data.ecgs == [_obs(9)]
 
 
-def test_fetch_patient_data_unknown_patient_is_not_found(mappings: Any) -> None:
-    """The Patient read answers 404: FhirNotFound (the hook answers without advice)."""
+def test_missing_keys_without_a_client_are_refused(mappings: Any) -> None:
+    """No FHIR client and a key missing: MissingData names the keys (the hook answers 412 before this)."""
+    with pytest.raises(MissingData) as info:
+        gather_patient_data(build_queries(mappings), PATIENT, now=NOW, prefetched={"patient": []})
+    assert "labs" in info.value.keys and "patient" not in info.value.keys
+
+
+def test_missing_keys_are_fetched_concurrently_on_the_given_executor(mappings: Any) -> None:
+    """All of one call's requests are in flight at once on the caller's pool (a barrier of all of them opens)."""
+    queries = build_queries(mappings)
+    requests: list[httpx.Request] = []
+    barrier = threading.Barrier(len(queries), timeout=5)
+    with (
+        concurrent.futures.ThreadPoolExecutor(len(queries), thread_name_prefix="test-fhir") as pool,
+        _client(_routing_handler(requests, barrier), max_workers=len(queries)) as client,
+    ):
+        fetch_keys(client, queries, [q.key for q in queries], PATIENT, now=NOW, executor=pool)
+    assert len(requests) == len(queries) and not barrier.broken
+
+
+def test_unknown_patient_is_not_found(mappings: Any) -> None:
+    """The Patient read answers 404: FhirNotFound (the hook answers 412)."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         if "/Patient/" in request.url.path:
@@ -441,11 +484,19 @@ def test_fetch_patient_data_unknown_patient_is_not_found(mappings: Any) -> None:
         return _json(_bundle([]))
 
     with _client(handler) as client, pytest.raises(FhirNotFound):
-        client.fetch_patient_data(PATIENT, mappings, now=NOW)
+        gather_patient_data(build_queries(mappings), PATIENT, now=NOW, client=client)
 
 
-def test_fetch_patient_data_respects_the_deadline(mappings: Any) -> None:
-    """A slow server: fetch_patient_data gives up at the deadline with FhirTimeout."""
+def test_a_patient_id_that_is_not_a_fhir_id_is_refused_before_any_request(mappings: Any) -> None:
+    """An id that would change the request path is an InputError, and nothing is sent."""
+    requests: list[httpx.Request] = []
+    with _client(_routing_handler(requests)) as client, pytest.raises(InputError):
+        gather_patient_data(build_queries(mappings), "../Practitioner/x", now=NOW, client=client)
+    assert requests == []
+
+
+def test_fetch_respects_the_deadline(mappings: Any) -> None:
+    """A slow server: the fetch gives up at the deadline with FhirTimeout."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         time.sleep(0.6)
@@ -453,7 +504,9 @@ def test_fetch_patient_data_respects_the_deadline(mappings: Any) -> None:
 
     started = time.monotonic()
     with _client(handler) as client, pytest.raises(FhirTimeout):
-        client.fetch_patient_data(PATIENT, mappings, now=NOW, deadline=time.monotonic() + 0.15)
+        gather_patient_data(
+            build_queries(mappings), PATIENT, now=NOW, client=client, deadline=time.monotonic() + 0.15
+        )
     assert time.monotonic() - started < 0.5
 
 
@@ -471,7 +524,7 @@ def test_logs_never_contain_patient_id_or_token(mappings: Any, caplog: pytest.Lo
         return _json(_bundle([_obs(1)], f"https://evil.example.com/fhir/x?patient={PATIENT}"))
 
     with _client(handler) as client:
-        client.fetch_patient_data(PATIENT, mappings, now=NOW)
+        gather_patient_data(build_queries(mappings), PATIENT, now=NOW, client=client)
         with pytest.raises(FhirServerError) as info:
             client.get_binary("Binary/b1", 10)
     assert requests and PATIENT in str(requests[0].url)  # the id really was in the URLs

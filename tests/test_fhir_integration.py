@@ -1,4 +1,4 @@
-"""End to end on real FHIR servers: ``ecglab seed-fhir`` → ``FhirClient.fetch_patient_data`` → features.
+"""End to end on real FHIR servers: ``ecglab seed-fhir`` → ``cds_service.fetch`` (the hooks' data path) → features.
 
 Runs once per server of ``tests/fhir_servers.py`` (sekmet-fhir, and Medplum when installed) so the
 client and the extraction are checked against two independent R4 implementations.
@@ -17,11 +17,18 @@ import numpy as np
 import pytest
 
 from cds_service.cli import main
+from cds_service.ecg.prepare import prepare_ecg
 from cds_service.features import ModelInputs, extract_metadata, extract_model_inputs, parse_fhir_datetime
 from cds_service.fhir_client import FhirClient, FhirNotFound
-from cds_service.seed import Carrier, Subject, carrier_for, patient_bundle, post_transaction, read_subjects
-from cds_service.signal import prepare_ecg
 from fhir_mappings import load_mappings
+from model_training.seed_fhir import (
+    Carrier,
+    Subject,
+    carrier_for,
+    patient_bundle,
+    post_transaction,
+    read_subjects,
+)
 from tests.fhir_servers import FhirServer
 
 pytestmark = pytest.mark.fhir
@@ -67,9 +74,19 @@ def seeded(fhir_server: FhirServer, synth_dir: Path) -> FhirServer:
     return fhir_server
 
 
+def _patient_data(client: FhirClient, patient_id: str, mappings: Any, **kw: Any) -> Any:
+    """The patient's data through the hooks' data path, every prefetch key fetched."""
+    from cds_service.fetch import gather_patient_data
+    from cds_service.prefetch import build_queries
+
+    return gather_patient_data(
+        build_queries(mappings), patient_id, now=datetime.now(UTC), client=client, **kw
+    )
+
+
 def _fetch(base_url: str, patient_id: str, mappings: Any, **kw: Any) -> ModelInputs:
     with FhirClient(base_url, timeout=10.0, **kw) as client:
-        data = client.fetch_patient_data(patient_id, mappings)
+        data = _patient_data(client, patient_id, mappings)
         return extract_model_inputs(
             data, mappings=mappings, binary_loader=client.binary_loader(mappings.ecg.max_attachment_bytes)
         )
@@ -209,20 +226,20 @@ def test_official_examples_round_trip_through_the_server(seeded: FhirServer, map
 
 
 def test_unknown_patient_is_not_found(seeded: FhirServer, mappings: Any) -> None:
-    """fetch_patient_data for an id the server does not hold raises FhirNotFound."""
+    """Fetching an id the server does not hold raises FhirNotFound."""
     with FhirClient(seeded.base_url, timeout=10.0) as client, pytest.raises(FhirNotFound):
-        client.fetch_patient_data("no-such-patient", mappings)
+        _patient_data(client, "no-such-patient", mappings)
 
 
 def test_fetch_fits_the_hook_budget(seeded: FhirServer, subjects: list[Subject], mappings: Any) -> None:
     """Fetching one patient's inputs (7 concurrent requests) returns well inside a 2 s deadline."""
     with FhirClient(seeded.base_url, timeout=2.0) as client:
-        client.fetch_patient_data(f"ecglab-{subjects[2].subject_id}", mappings)  # warm the connection pool
+        _patient_data(client, f"ecglab-{subjects[2].subject_id}", mappings)  # warm the connection pool
         started = time.monotonic()
-        data = client.fetch_patient_data(f"ecglab-{subjects[2].subject_id}", mappings, deadline=started + 2.0)
+        data = _patient_data(client, f"ecglab-{subjects[2].subject_id}", mappings, deadline=started + 2.0)
         elapsed = time.monotonic() - started
     assert data.ecgs and data.observations
-    print(f"\n{seeded.name}: fetch_patient_data {elapsed * 1000:.0f} ms")
+    print(f"\n{seeded.name}: patient data fetch {elapsed * 1000:.0f} ms")
     assert elapsed < 2.0
 
 
@@ -296,8 +313,8 @@ def test_seed_reports_rejected_transactions(
     subjects: list[Subject], mappings: Any, answer: httpx.Response, expected: str
 ) -> None:
     """A 4xx transaction, or a non-atomic server failing some entries, is an InputError naming URL and patient."""
-    from cds_service.seed import seed
     from fhir_mappings.errors import InputError
+    from model_training.seed_fhir import seed
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/metadata"):

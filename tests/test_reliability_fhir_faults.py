@@ -96,10 +96,7 @@ def app(tmp_path: Path) -> Iterator[Flask]:
         runtime=FakeRuntime([prediction("ntprobnp", 0.95)]),
     )
     yield built
-    state = built.extensions["ecglab"]
-    state.pipeline.deps.executor.shutdown(wait=False, cancel_futures=True)
-    state.pipeline.deps.fhir_executor.shutdown(wait=False, cancel_futures=True)
-    state.engine.dispose()
+    built.extensions["ecglab"].close()
 
 
 def request_for(shape: str, base_url: str, mode: str) -> dict[str, Any]:

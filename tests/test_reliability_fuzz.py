@@ -132,9 +132,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         yield Target(app, errors, tally)
     finally:
         root.removeHandler(errors)
-        state.pipeline.deps.executor.shutdown(wait=False, cancel_futures=True)
-        state.pipeline.deps.fhir_executor.shutdown(wait=False, cancel_futures=True)
-        state.engine.dispose()
+        state.close()
         if tally.requests:
             record_figure("fuzz: generated requests", tally.requests)
             for name, count in sorted(tally.by_test.items()):

@@ -4,6 +4,9 @@ Each test pins one rule of ``../shared/docs/cdshooks.md`` (section cited in the 
 Flask app built by ``create_app`` with a fake model runtime, the real ``fhir_mappings`` and
 feature extraction, and an in-memory FHIR server (``httpx.MockTransport``). Every emitted
 discovery document and hook response is validated against the shared CDS Hooks 2.0 JSON Schema.
+The data-path tests pin that a missing key is fetched with the same query (date filter from the
+injected clock included) whatever else was prefetched, and that prefetched and fetched data reach
+the model identically.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
+import numpy as np
 import pytest
 
+from cds_service.prefetch import LAB_LOOKBACK
 from tests.service_fixtures import (
     EHR_FHIR,
     EHR_ISS,
@@ -30,6 +36,7 @@ from tests.service_fixtures import (
     clinical_record,
     ecg_observation,
     hook_request,
+    iso,
     lab_result,
     load_sample,
     prediction,
@@ -125,6 +132,84 @@ def test_partial_prefetch_fetches_only_missing_keys(make_app, hook: str) -> None
     assert response.status_code == 200
     assert sorted(fhir.paths()) == ["Observation", "ServiceRequest"]
     assert all(r.headers["Authorization"] == f"Bearer {FHIR_TOKEN}" for r in fhir.requests)
+
+
+# -- one data path: the same queries, one clock (issue 13) ---------------------------------------------------
+
+CLOCK = datetime.now(UTC).replace(microsecond=0)
+"""The pipeline's injected "now" in the data-path tests (the record's ECG is 10 min before it)."""
+
+
+def clocked_app(make_app: Any, fhir: MockFhir, runtime: FakeRuntime, now: datetime = CLOCK) -> Any:
+    """An app (auth off) whose pipeline clock always reads ``now``."""
+    app = make_app(runtime=runtime, fhir=fhir, **DEV)
+    app.extensions["ecglab"].pipeline.deps.clock = lambda: now
+    return app
+
+
+def bound_urls(now: datetime) -> dict[str, str]:
+    """Per prefetch key, the URL the service must request for it: its query bound at ``now``."""
+    from cds_service.prefetch import build_queries
+    from fhir_mappings import load_mappings
+
+    return {
+        q.key: f"{EHR_FHIR}/Patient/{PATIENT_ID}"
+        if q.read
+        else str(httpx.URL(f"{EHR_FHIR}/{q.resource_type}", params=q.bind(PATIENT_ID, now)))
+        for q in build_queries(load_mappings())
+    }
+
+
+def test_a_missing_key_is_fetched_with_the_same_query_whatever_else_was_prefetched(make_app) -> None:
+    """Nothing prefetched, or every key but one: that key's request is identical (date filter included)."""
+    record = clinical_record(CLOCK)
+    fhir = MockFhir(all_fhir_resources(record))
+    client = clocked_app(make_app, fhir, positive_runtime()).test_client()
+    response = post_hook(client, hook_request("patient-view", fhir_server=EHR_FHIR, token=FHIR_TOKEN))
+    assert response.status_code == 200, response.get_json()
+    everything = sorted(str(r.url) for r in fhir.requests)
+    expected = bound_urls(CLOCK)
+    assert everything == sorted(expected.values())
+    for key, url in expected.items():
+        fhir.requests.clear()
+        prefetch = prefetch_from(record)
+        del prefetch[key]
+        body = hook_request("patient-view", prefetch=prefetch, fhir_server=EHR_FHIR, token=FHIR_TOKEN)
+        assert post_hook(client, body).status_code == 200, key
+        assert [str(r.url) for r in fhir.requests] == [url], key
+        assert url in everything
+
+
+def test_self_fetched_date_filters_follow_the_injected_clock(make_app) -> None:
+    """The date filters come from the pipeline's clock, not the wall clock: move the clock, they move."""
+    for at in (datetime(2031, 3, 4, 5, 6, tzinfo=UTC), datetime(2031, 3, 4, 8, 36, tzinfo=UTC)):
+        fhir = MockFhir(all_fhir_resources(clinical_record(at)))
+        client = clocked_app(make_app, fhir, positive_runtime(), now=at).test_client()
+        post_hook(client, hook_request("patient-view", fhir_server=EHR_FHIR, token=FHIR_TOKEN))
+        assert sorted(str(r.url) for r in fhir.requests) == sorted(bound_urls(at).values())
+        media = next(r for r in fhir.requests if r.url.path.endswith("/Media"))
+        labs = next(r for r in fhir.requests if "33762-6" in r.url.params.get("code", "").split(","))
+        assert media.url.params["created"] == "ge" + iso(at - timedelta(minutes=120))  # ecg.max_age_minutes
+        assert labs.url.params["date"] == "ge" + iso(at - LAB_LOOKBACK)
+
+
+def test_full_prefetch_and_full_fetch_give_identical_model_inputs(make_app) -> None:
+    """The same patient data reaches the model identically, whether the EHR prefetched it or the service fetched it."""
+    record = clinical_record(CLOCK)
+    runtime = positive_runtime()
+    fhir = MockFhir(all_fhir_resources(record))
+    client = clocked_app(make_app, fhir, runtime).test_client()
+    assert post_hook(client, hook_request("patient-view", prefetch=prefetch_from(record))).status_code == 200
+    assert fhir.requests == []
+    body = hook_request("patient-view", fhir_server=EHR_FHIR, token=FHIR_TOKEN)
+    assert post_hook(client, body).status_code == 200
+    assert len(fhir.requests) == 7
+    prefetched, fetched = runtime.seen
+    assert prefetched.metadata == fetched.metadata and prefetched.sources == fetched.sources
+    assert vars(prefetched.ecg).keys() == vars(fetched.ecg).keys()
+    for name, value in vars(prefetched.ecg).items():
+        other = getattr(fetched.ecg, name)
+        assert np.array_equal(value, other) if isinstance(value, np.ndarray) else value == other, name
 
 
 @pytest.mark.parametrize("hook", list(SERVICE_OF_HOOK))
@@ -588,6 +673,26 @@ def test_issued_cards_are_recorded_for_feedback(make_app) -> None:
     )
 
 
+# -- the app owns its pools ----------------------------------------------------------------------------------
+
+
+def test_the_app_closes_its_pools_itself(service_env: ServiceEnv) -> None:
+    """The app owns its thread pools: ``close()`` stops them, and runs by itself once the app is gone."""
+    import gc
+
+    from cds_service.app import create_app
+
+    app = create_app(service_env.settings(), runtime=FakeRuntime())
+    deps = app.extensions["ecglab"].pipeline.deps
+    pools = (deps.executor, deps.fhir_executor)
+    assert all(pool.submit(int).result(timeout=5) == 0 for pool in pools)
+    del app
+    gc.collect()
+    for pool in pools:
+        with pytest.raises(RuntimeError):
+            pool.submit(int)
+
+
 # -- logging (§0.8) -------------------------------------------------------------------------------------------
 
 
@@ -645,4 +750,4 @@ def test_real_model_runtime_on_a_toy_onnx_model_answers_cards(tmp_path: Path) ->
         "ECGLABPOTASSIUM",
     ]
     assert all(c["summary"].startswith("[DEMO]") for c in cards)
-    app.extensions["ecglab"].engine.dispose()
+    app.extensions["ecglab"].close()

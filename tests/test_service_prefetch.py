@@ -1,16 +1,19 @@
-"""Prefetch templates and the prefetch-state table (cdshooks.md §4, HAPI auto-prefetch rules)."""
+"""Prefetch templates, their date filters, and the prefetch-state table (cdshooks.md §4, HAPI auto-prefetch rules)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
-from cds_service.fhir_client import build_queries as client_queries
+from cds_service.patient_data import assemble
 from cds_service.prefetch import (
+    LAB_LOOKBACK,
     MAX_TEMPLATE_CHARS,
+    DateFilter,
     PrefetchQuery,
-    assemble,
     build_queries,
     code_param,
     decode_prefetch,
@@ -80,30 +83,73 @@ def test_assemble_routes_each_key_to_its_patient_data_field() -> None:
     assert (data.service_requests, data.observations, data.lab_results) == ([order], [], [])
 
 
-def test_templates_mirror_the_fhir_client_queries() -> None:
-    """§4 "Prefetched data MUST be equivalent to what our own call would return": same resources and codes."""
-    from datetime import UTC, datetime
+KEYS = ["patient", "vitals", "ecgObservations", "ecgMedia", "ecgDocuments", "labs", "orders"]
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 
-    def codes_by_type(queries: Any) -> dict[str, set[str]]:
-        """Codes asked for, per resource type, systems dropped."""
-        out: dict[str, set[str]] = {}
-        for query in queries:
-            params = dict(query.params)
-            tokens = params.get("code") or params.get("type") or ""
-            out.setdefault(query.resource_type, set()).update(
-                t.split("|")[-1] for t in tokens.split(",") if t
-            )
-        return out
 
-    ours = codes_by_type(q for q in QUERIES if not q.read)
-    theirs = codes_by_type(client_queries(MAPPINGS, "p", datetime.now(UTC)))
-    assert ours == theirs
+def test_the_seven_keys_in_discovery_order() -> None:
+    """EHRs and the shared samples rely on the key names: seven keys, always in this order."""
+    assert [q.key for q in QUERIES] == KEYS
+    rendered = {q.key: q.template() for q in QUERIES}
+    assert rendered["patient"] == "Patient/{{context.patientId}}"
+    assert rendered["ecgMedia"] == "Media?subject=Patient/{{context.patientId}}&_sort=-created&_count=5"
+    assert rendered["orders"].startswith(
+        "ServiceRequest?subject=Patient/{{context.patientId}}&status=active,draft&code="
+    )
+
+
+def test_a_template_is_the_bound_query_without_its_date_filter() -> None:
+    """One set of queries: the template an EHR runs is exactly what the service binds, minus the date filter."""
+    for query in (q for q in QUERIES if not q.read):
+        template_params = query.template().split("?", 1)[1].split("&")
+        bound = query.bind("{{context.patientId}}", None)
+        assert template_params == [f"{name}={value}" for name, value in bound], query.key
+        dated = query.bind("{{context.patientId}}", NOW)
+        assert [p for p in dated if query.since is None or p[0] != query.since.param] == bound, query.key
+        if query.since is not None:
+            assert f"&{query.since.param}=" not in query.template(), query.key
+
+
+def test_date_filters_follow_fhir_mappings_windows() -> None:
+    """ECGs back to ecg.max_age_minutes; vitals/biometrics that minus the widest feature window; labs LAB_LOOKBACK."""
+    ecg_age = timedelta(minutes=MAPPINGS.ecg.max_age_minutes)
+    widest = max(f.window.before_min for f in MAPPINGS.features if f.window is not None)
+    by_key = {q.key: q.since for q in QUERIES}
+    assert by_key == {
+        "patient": None,
+        "vitals": DateFilter("date", ecg_age + timedelta(minutes=widest)),
+        "ecgObservations": DateFilter("date", ecg_age),
+        "ecgMedia": DateFilter("created", ecg_age),
+        "ecgDocuments": DateFilter("date", ecg_age),
+        "labs": DateFilter("date", LAB_LOOKBACK),
+        "orders": None,
+    }
+
+
+def test_the_date_filter_is_computed_from_the_given_clock() -> None:
+    """A bound query's date filter moves with ``now`` (UTC, ``Z``), placed before ``_sort``/``_count``."""
+    ecg = next(q for q in QUERIES if q.key == "ecgObservations")
+    assert ecg.bind("p1", NOW)[2:] == [
+        ("date", "ge2025-05-31T12:00:00Z"),
+        ("_sort", "-date"),
+        ("_count", "5"),
+    ]
+    later = NOW + timedelta(hours=5, minutes=7)
+    assert ("date", "ge2025-05-31T17:07:00Z") in ecg.bind("p1", later)
+    in_berlin = later.astimezone(ZoneInfo("Europe/Berlin"))
+    assert ecg.bind("p1", in_berlin) == ecg.bind("p1", later)
+    labs = LABS.bind("p1", NOW)
+    assert ("date", "ge2025-05-25T12:00:00Z") in labs
+    media = next(q for q in QUERIES if q.key == "ecgMedia")
+    assert ("created", "ge2025-05-31T12:00:00Z") in media.bind("p1", NOW)
+    orders = next(q for q in QUERIES if q.key == "orders")
+    assert orders.bind("p1", NOW) == orders.bind("p1", None)
 
 
 def test_templates_bind_the_patient_id_as_a_parameter_value() -> None:
     """Fallback queries substitute context.patientId into parameter values (URL-encoded by httpx)."""
     vitals = next(q for q in QUERIES if q.key == "vitals")
-    assert ("subject", "Patient/a.b-1") in vitals.bind("a.b-1")
+    assert ("subject", "Patient/a.b-1") in vitals.bind("a.b-1", NOW)
     assert PATIENT.template() == "Patient/{{context.patientId}}"
     assert all(len(q.template()) <= MAX_TEMPLATE_CHARS for q in QUERIES)
 
