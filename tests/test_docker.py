@@ -128,3 +128,16 @@ def test_compose_service_settings_are_real_settings(service: str) -> None:
     known = {env for env, _, _ in describe_settings()}
     unknown = [k for k in spec["services"][service]["environment"] if k not in known]
     assert not unknown
+
+
+def test_service_stage_copies_no_training_code() -> None:
+    """Issue 13: the service image holds no ``model_training/`` (and its build proves torch is absent)."""
+    base = _stage("base")
+    copied = [shlex.split(rest)[0] for word, rest in base if word == "COPY"]
+    assert "cds_service" in copied and "fhir_mappings" in copied
+    assert not any(src.startswith("model_training") for src in copied), copied
+    checks = " ".join(rest for word, rest in base if word == "RUN")
+    assert '! python -c "import model_training"' in checks
+    assert '! python -c "import torch"' in checks
+    seed = _stage("seed")
+    assert any(word == "COPY" and rest.startswith("model_training") for word, rest in seed)
