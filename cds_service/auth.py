@@ -6,12 +6,18 @@ Every request except a CORS preflight carries ``Authorization: Bearer <JWT>`` si
 1. ``alg`` is ES384 or RS384 (never ``none``, never HMAC: a shared-secret algorithm would let
    anyone holding the public key forge tokens) and the header names a ``kid``;
 2. ``iss`` is in the issuers file (``ECGLAB_ISSUERS``);
-3. the signing key is found: from the token's ``jku`` when that URL lies under the issuer's
-   ``jku_allow`` list (a ``jku`` outside it is refused outright), else from the issuer's static
-   ``jwks_file`` or fixed ``jwks_url``; fetched JWKS are cached (:class:`~cds_service.issuers.JwksCache`);
-4. the signature verifies and ``aud`` (string or array) names this service: the endpoint URL
-   under ``ECGLAB_PUBLIC_URL`` (what the spec and the Sandbox send), the public base URL or the
-   discovery URL (what hand-configured EHRs such as Epic may send);
+3. the signing key is found: from the token's ``jku`` when that header is a well-formed URL
+   (:func:`~cds_service.issuers.checked_jku`) on the issuer's ``jku_allow`` list (any other
+   ``jku`` is refused outright, never fetched), else from the issuer's static ``jwks_file`` or
+   fixed ``jwks_url``; downloads are cached and rate limited per URL and per issuer
+   (:class:`~cds_service.issuers.JwksCache`). Keys embedded in the header (``jwk``, ``x5c``,
+   ``x5u``) are never used;
+4. the signature verifies and ``aud`` (string or array) names the endpoint URL called,
+   ``{ECGLAB_PUBLIC_URL}`` + the request path (CDS Hooks 2.0: ``.../cds-services/{id}`` for a
+   hook, ``.../cds-services/{id}/feedback`` for feedback, ``.../cds-services`` for discovery).
+   Only an issuer with ``aud_allow_base: true`` may instead name the base URL (with or without a
+   trailing slash) or the discovery URL, for EHRs configured by hand (e.g. Epic) that send one
+   ``aud`` for every call;
 5. ``exp``, ``iat`` and ``nbf`` hold within ``ECGLAB_JWT_LEEWAY_S``, and ``exp`` is no more than
    ``ECGLAB_JWT_MAX_LIFETIME_S`` ahead (which bounds the replay cache);
 6. ``jti`` was not seen before: the hash of ``iss`` + ``jti`` goes into the database table shared
@@ -39,7 +45,15 @@ import jwt
 from sqlalchemy import Engine
 
 from cds_service.db import purge_expired_tokens, remember_token
-from cds_service.issuers import IssuerConfig, JwksCache, JwksError, find_key, is_loopback_url, url_has_prefix
+from cds_service.issuers import (
+    IssuerConfig,
+    JwksCache,
+    JwksError,
+    checked_jku,
+    find_key,
+    is_loopback_url,
+    url_has_prefix,
+)
 from cds_service.observability import log_safe
 from cds_service.settings import Settings
 from fhir_mappings.errors import EcglabError
@@ -92,10 +106,13 @@ class Authenticator:
         self._purge_lock = threading.Lock()
 
     # -- audiences ----------------------------------------------------------------------------
-    def audiences(self, path: str) -> list[str]:
-        """The ``aud`` values accepted for a request to ``path`` (e.g. ``/cds-services/x``)."""
+    def audiences(self, path: str, issuer: IssuerConfig) -> list[str]:
+        """The ``aud`` values ``issuer`` may send for a request to ``path`` (e.g. ``/cds-services/x``)."""
         base = self.settings.public_url
-        return [base + path, base, base + "/", base + "/cds-services"]
+        accepted = [base + path]
+        if issuer.aud_allow_base:
+            accepted += [base, base + "/", base + "/cds-services"]
+        return accepted
 
     # -- authentication -------------------------------------------------------------------------
     def authenticate(self, authorization: str | None, path: str) -> Caller:
@@ -146,16 +163,17 @@ class Authenticator:
         jku = header.get("jku")
         try:
             if jku is not None:
-                if not isinstance(jku, str) or not issuer.jku_allowed(jku):
+                url = checked_jku(jku)
+                if not issuer.jku_allowed(url):
                     raise AuthError("jku not on the issuer's jku_allow list", iss=issuer.iss, jti=jti)
-                return self.jwks.key_for(jku, kid, alg)
+                return self.jwks.key_for(url, kid, alg, issuer=issuer.iss)
             if issuer.static_jwks is not None:
                 key = find_key(issuer.static_jwks, kid, alg)
                 if key is None:
                     raise AuthError("kid not in the issuer's jwks_file", iss=issuer.iss, jti=jti)
                 return key
             if issuer.jwks_url is not None:
-                return self.jwks.key_for(issuer.jwks_url, kid, alg)
+                return self.jwks.key_for(issuer.jwks_url, kid, alg, issuer=issuer.iss)
         except JwksError as exc:
             raise AuthError(f"no signing key: {exc}", iss=issuer.iss, jti=jti) from None
         raise AuthError("token has no jku and the issuer has no jwks_file/jwks_url", iss=issuer.iss, jti=jti)
@@ -169,7 +187,7 @@ class Authenticator:
                 token,
                 key=key.key,
                 algorithms=[alg],
-                audience=self.audiences(path),
+                audience=self.audiences(path, issuer),
                 issuer=issuer.iss,
                 leeway=self.settings.jwt_leeway_s,
                 options={"require": ["iss", "aud", "exp", "iat", "jti"]},

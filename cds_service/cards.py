@@ -15,8 +15,17 @@ passes the manifest's decision threshold. Each card
 * has ``uuid`` on card and suggestion (feedback needs them), ``selectionBehavior: "any"`` (the
   only value Epic supports) and ``overrideReasons`` with displays.
 
-Targets whose test AUROC is not demonstrably above ``ECGLAB_MIN_AUROC`` (the CI lower bound in
-the manifest; 0.70 by default, the paper's criterion) never give cards. Labs are skipped when
+Ids and references that come from the EHR (patient, encounter, user, the ECG's and the input
+resources' ``Type/id``) are checked before they reach Markdown ``detail`` or a draft order: an id
+must match the FHIR id pattern (``[A-Za-z0-9-.]``, at most 256 characters as for
+``context.patientId``, see :data:`cds_service.hook_request.FHIR_ID`), a resource type must be a
+FHIR type name, a requester must be ``Practitioner/`` or ``PractitionerRole/`` + id. Anything else
+(Markdown, HTML, newlines, 300-character ids) is **omitted, never echoed**: the reference or the
+"(source)" note is left out and the rest of the card stands. Every other text on a card comes
+from the contract package (lab and feature names) or the model manifest, not from the request.
+
+Targets whose validation-fold AUROC is not demonstrably above ``ECGLAB_MIN_AUROC`` (the CI lower
+bound in the manifest; 0.70 by default, the paper's criterion) never give cards. Labs are skipped when
 ordering them would be redundant: already among the draft orders of the
 order-select/order-sign context, already ordered (an active/on-hold/draft ServiceRequest with the
 lab's order code or one of its result codes), or resulted within ``ECGLAB_RECENT_RESULT_MIN``.
@@ -34,6 +43,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from cds_service.fhir_values import parse_fhir_datetime
+from cds_service.hook_request import FHIR_ID
 from cds_service.settings import IndicatorRule, Settings
 from fhir_mappings import Coding, LabSpec, Mappings
 
@@ -49,7 +60,9 @@ LAB_CATEGORY = {"system": "http://snomed.info/sct", "code": "108252007", "displa
 SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
 ORDER_STATUSES = frozenset({"active", "on-hold", "draft"})
 IGNORED_RESULT_STATUSES = frozenset({"cancelled", "entered-in-error"})
-REQUESTER_TYPES = ("Practitioner/", "PractitionerRole/")
+REQUESTER_TYPES = frozenset({"Practitioner", "PractitionerRole"})
+RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+COMPUTED_FROM = re.compile(r"computed from (\S+) and (\S+)")
 OVERRIDE_REASONS = (
     ("already-ordered", "Already ordered or recently resulted"),
     ("not-indicated", "Not clinically indicated"),
@@ -172,18 +185,6 @@ def _lab_codes(lab: LabSpec) -> set[tuple[str, str]]:
 # -- redundancy rules ---------------------------------------------------------------------------------
 
 
-def _parse_time(value: Any) -> datetime | None:
-    """A FHIR dateTime as an aware datetime (no zone → UTC); ``None`` when unparsable."""
-    if not isinstance(value, str) or not value:
-        return None
-    text = value.strip().replace("Z", "+00:00")
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def result_time(resource: Mapping[str, Any]) -> datetime | None:
     """When a lab Observation was taken: effectiveDateTime, effectivePeriod.start, effectiveInstant or issued."""
     period = resource.get("effectivePeriod")
@@ -193,7 +194,7 @@ def result_time(resource: Mapping[str, Any]) -> datetime | None:
         period.get("start") if isinstance(period, dict) else None,
         resource.get("issued"),
     ):
-        moment = _parse_time(value)
+        moment = parse_fhir_datetime(value)
         if moment is not None:
             return moment
     return None
@@ -226,6 +227,38 @@ def redundancy(
             if taken is not None and taken >= since:
                 return "recent"
     return None
+
+
+# -- ids from the EHR ------------------------------------------------------------------------------------
+
+
+def safe_id(value: object) -> str | None:
+    """``value`` when it is a FHIR id (:data:`FHIR_ID`), else ``None`` (to be omitted, not echoed)."""
+    return value if isinstance(value, str) and FHIR_ID.fullmatch(value) else None
+
+
+def safe_reference(value: object, types: frozenset[str] | None = None) -> str | None:
+    """``value`` when it is a relative ``Type/id`` reference (of one of ``types`` if given), else ``None``."""
+    if not isinstance(value, str):
+        return None
+    kind, slash, rid = value.partition("/")
+    if not slash or not RESOURCE_TYPE.fullmatch(kind) or safe_id(rid) is None:
+        return None
+    return value if types is None or kind in types else None
+
+
+def _source_note(source: str | None) -> str:
+    """`` (Type/id)`` naming where an input came from, `` (Patient record)``, or ``""`` when not safe to show."""
+    if not source:
+        return ""
+    if source == "Patient" or source.startswith("Patient/"):
+        return " (Patient record)"
+    if safe_reference(source) is not None:
+        return f" ({source})"
+    computed = COMPUTED_FROM.fullmatch(source)
+    if computed and all(safe_reference(part) is not None for part in computed.groups()):
+        return f" ({source})"
+    return ""
 
 
 # -- wording --------------------------------------------------------------------------------------------
@@ -274,14 +307,7 @@ def _describe_inputs(inputs: ModelInputs, mappings: Mappings) -> list[str]:
     lines = []
     for spec in mappings.features:
         value = inputs.metadata.get(spec.key)
-        source = inputs.sources.get(spec.key)
-        origin = (
-            " (Patient record)"
-            if source and source.startswith("Patient/")
-            else f" ({source})"
-            if source
-            else ""
-        )
+        origin = _source_note(inputs.sources.get(spec.key))
         if value is None:
             lines.append(f"- {spec.display}: missing, imputed by the model")
             continue
@@ -320,7 +346,9 @@ def detail_text(finding: LabFinding, inputs: ModelInputs, mappings: Mappings, mo
     parts.append("\n".join(rows))
     ecg = inputs.ecg
     recorded = ecg.recorded_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    inputs_md = [f"- 12-lead ECG recorded {recorded} ({ecg.reference})", *_describe_inputs(inputs, mappings)]
+    ecg_ref = safe_reference(ecg.reference)
+    ecg_line = f"- 12-lead ECG recorded {recorded}" + (f" ({ecg_ref})" if ecg_ref else "")
+    inputs_md = [ecg_line, *_describe_inputs(inputs, mappings)]
     parts.append("**Inputs the model used:**\n" + "\n".join(inputs_md))
     parts.append(
         f"Model: {model.name} {model.version}. Decision support only: confirm the indication clinically "
@@ -342,20 +370,26 @@ def _coding_dict(coding: Coding) -> dict[str, str]:
 
 
 def draft_order(lab: LabSpec, ctx: CardContext, ecg_reference: str, intent: str) -> dict[str, Any]:
-    """The draft ``ServiceRequest`` a card's suggestion creates."""
+    """The draft ``ServiceRequest`` a card's suggestion creates; references that are not safe are left out."""
     order: dict[str, Any] = {
         "resourceType": "ServiceRequest",
         "status": "draft",
         "intent": intent,
         "category": [{"coding": [dict(LAB_CATEGORY)]}],
         "code": {"coding": [_coding_dict(lab.order_code)], "text": lab.display},
-        "subject": {"reference": f"Patient/{ctx.patient_id}"},
-        "reasonReference": [{"reference": ecg_reference, "display": "12-lead ECG"}],
     }
-    if ctx.encounter_id:
-        order["encounter"] = {"reference": f"Encounter/{ctx.encounter_id}"}
-    if ctx.user_ref and ctx.user_ref.startswith(REQUESTER_TYPES):
-        order["requester"] = {"reference": ctx.user_ref}
+    patient_id = safe_id(ctx.patient_id)
+    if patient_id is not None:
+        order["subject"] = {"reference": f"Patient/{patient_id}"}
+    encounter_id = safe_id(ctx.encounter_id)
+    if encounter_id is not None:
+        order["encounter"] = {"reference": f"Encounter/{encounter_id}"}
+    requester = safe_reference(ctx.user_ref, REQUESTER_TYPES)
+    if requester is not None:
+        order["requester"] = {"reference": requester}
+    reason = safe_reference(ecg_reference)
+    if reason is not None:
+        order["reasonReference"] = [{"reference": reason, "display": "12-lead ECG"}]
     return order
 
 
@@ -371,12 +405,14 @@ def _lab_for(prediction: TargetPrediction, mappings: Mappings) -> LabSpec | None
 
 
 def validated(prediction: TargetPrediction, min_auroc: float) -> bool:
-    """Whether a target's discrimination is demonstrated: its test AUROC's 95 % CI lower bound
-    (from the manifest) exceeds ``min_auroc`` — the paper's criterion for a lab it "predicts".
+    """Whether a target's discrimination is demonstrated: its validation-fold AUROC's 95 % CI lower
+    bound (from the manifest; the test fold only chooses nothing) exceeds ``min_auroc`` — the
+    paper's criterion for a lab it "predicts". See ``TargetPrediction.gate_auroc_ci_low``.
 
     A target the manifest gives no CI for is trusted (nothing to check against).
     """
-    return min_auroc <= 0.0 or prediction.auroc_ci_low is None or prediction.auroc_ci_low > min_auroc
+    bound = prediction.gate_auroc_ci_low
+    return min_auroc <= 0.0 or bound is None or bound > min_auroc
 
 
 def findings(

@@ -7,10 +7,13 @@ by all the others, and feedback must survive a restart.
 
 Tables:
 
-* ``ecglab_feedback``: one row per distinct feedback item. ``dedup_key`` (SHA-256 of card uuid,
-  outcome and outcome timestamp) is unique, so an EHR that re-sends a batch changes nothing.
-* ``ecglab_issued_card``: the uuid, lab, probability and model version of every card we emitted,
-  so feedback can be joined back to what the model said.
+* ``ecglab_feedback``: one row per distinct feedback item. ``dedup_key`` (SHA-256 of issuer, card
+  uuid, outcome and outcome timestamp) is unique, so an EHR that re-sends a batch changes nothing.
+* ``ecglab_issued_card``: the uuid, service, issuer (JWT ``iss``; ``NULL`` with auth off), lab,
+  probability and model version of every card we emitted, so feedback can be joined back to what
+  the model said and accepted only from the issuer the card was issued to
+  (:mod:`cds_service.feedback`). :func:`init_db` adds the ``issuer`` column to a table created by
+  an older version; cards issued before that carry ``NULL``.
 * ``ecglab_seen_token``: SHA-256 of ``iss`` + ``jti`` and the token's expiry; an insert that
   collides with an unexpired row is a replay.
 
@@ -40,6 +43,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    inspect,
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -115,6 +119,7 @@ class IssuedCard(Base):
     decision_threshold: Mapped[float] = mapped_column(Float)
     model_version: Mapped[str] = mapped_column(String(64))
     issued_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    issuer: Mapped[str | None] = mapped_column(String(512), nullable=True, default=None)
 
 
 class SeenToken(Base):
@@ -157,14 +162,35 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def init_db(engine: Engine, *, attempts: int = 3) -> None:
     """Create the tables that do not exist yet (idempotent; retried when workers race)."""
+    import cds_service.audit  # noqa: F401  (defines the hook_audit table on Base)
+
     for attempt in range(1, attempts + 1):
         try:
             Base.metadata.create_all(engine)
+            _add_missing_columns(engine)
             return
         except SQLAlchemyError:
             if attempt == attempts:
                 raise
             time.sleep(0.2 * attempt)
+
+
+#: Columns added after their table first shipped: (table, column) → the DDL type to add it with.
+ADDED_COLUMNS = {("ecglab_issued_card", "issuer"): "VARCHAR(512)"}
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` for each :data:`ADDED_COLUMNS` entry a table created earlier lacks.
+
+    ``create_all`` creates missing tables but never changes existing ones; a racing worker that
+    added the column first makes this fail once, and :func:`init_db` retries.
+    """
+    inspector = inspect(engine)
+    for (table, column), ddl_type in ADDED_COLUMNS.items():
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl_type}"))
+            log.info("added column %s.%s", table, column)
 
 
 def ping(engine: Engine) -> bool:

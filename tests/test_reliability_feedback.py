@@ -6,7 +6,9 @@ outcome time in UTC) and must lose none when requests race or the service restar
 (a SQLite file and PostgreSQL from :mod:`tests.pg`) gets 1 000 posts from 16 threads: 700 new
 items one per post, plus 300 posts that re-send earlier items — the same instant written in another
 time zone, and batches that repeat an item inside themselves. Then the app is rebuilt on the same
-database (a restart), the count is checked again and a re-sent batch stores nothing.
+database (a restart), the count is checked again and a re-sent batch stores nothing. Feedback is
+accepted only for issued cards, so the 700 cards are first recorded as issued (auth off: without
+an issuer), as the hook pipeline would have.
 
 ``make soak`` repeats this against two gunicorn worker *processes* sharing one SQLite file, with a
 real restart of ``ecglab serve`` in between.
@@ -26,10 +28,10 @@ from typing import Any
 import httpx
 import pytest
 from flask import Flask
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from cds_service.app import create_app
-from cds_service.db import Feedback, make_engine
+from cds_service.db import Feedback, IssuedCard, init_db, make_engine
 from cds_service.feedback import parse_feedback
 from tests.figures import record_figure
 from tests.onnx_fixtures import build_toy_model_dir
@@ -81,7 +83,39 @@ def posts() -> list[dict[str, Any]]:
 
 def expected_keys() -> set[str]:
     """The dedup keys of the 700 distinct items: exactly the rows that must exist."""
-    return {parsed.dedup_key for i in range(DISTINCT) for parsed in parse_feedback({"feedback": [item(i)]})}
+    return {
+        parsed.dedup_key(None) for i in range(DISTINCT) for parsed in parse_feedback({"feedback": [item(i)]})
+    }
+
+
+def issue_cards(url: str) -> None:
+    """Record the cards of the :data:`DISTINCT` items as issued by order-sign with auth off."""
+    engine = make_engine(url)
+    init_db(engine)
+    rows = [
+        {
+            "card_uuid": str(uuid.UUID(int=index + 1)),
+            "suggestion_uuid": str(uuid.UUID(int=10_000 + index)),
+            "service_id": "ecglab-order-sign",
+            "hook_instance": f"hook-{index}",
+            "lab_key": "ntprobnp",
+            "topic_code": "ECGLABNTPROBNP",
+            "indicator": "warning",
+            "direction": "high",
+            "horizon_min": 0,
+            "probability": 0.9,
+            "decision_threshold": 0.5,
+            "model_version": "test",
+            "issued_at": BASE_TIME,
+            "issuer": None,
+        }
+        for index in range(DISTINCT)
+    ]
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(IssuedCard), rows)
+    finally:
+        engine.dispose()
 
 
 def stored_keys(url: str) -> list[str]:
@@ -101,10 +135,7 @@ def build(url: str) -> Flask:
 
 def close(app: Flask) -> None:
     """Shut an app's pools and engine down, as a stopping worker would."""
-    state = app.extensions["ecglab"]
-    state.pipeline.deps.executor.shutdown(wait=False, cancel_futures=True)
-    state.pipeline.deps.fhir_executor.shutdown(wait=False, cancel_futures=True)
-    state.engine.dispose()
+    app.extensions["ecglab"].close()
 
 
 def post_all(send: Any, bodies: list[dict[str, Any]]) -> list[Any]:
@@ -126,6 +157,7 @@ def test_concurrent_feedback_with_duplicates_survives_a_restart_exactly(database
     """§6: 1 000 racing posts (300 re-sends) → exactly 700 rows, each counted once; a restart loses and doubles none."""
     backend = database_url.split(":", 1)[0].split("+", 1)[0]
     bodies = posts()
+    issue_cards(database_url)
     app = build(database_url)
 
     def send(body: dict[str, Any]) -> tuple[int, Any]:
@@ -193,6 +225,7 @@ def test_feedback_from_two_gunicorn_processes_survives_a_restart(tmp_path: Path)
     build_toy_model_dir(model_dir)
     url = f"sqlite:///{tmp_path / 'serve.sqlite3'}"
     bodies = posts()
+    issue_cards(url)
 
     def sender(base_url: str) -> Any:
         local = threading.local()  # one keep-alive client per sending thread

@@ -5,7 +5,8 @@ JWT; on any failure the service answers 401 "without details" [BP]. Each case be
 three endpoints with a request that *would* produce cards, call the FHIR server or store feedback
 if it got through, and the test checks that nothing of that happened: the body is the one generic
 OperationOutcome, the model was not called, no FHIR request left the service, no feedback row was
-written, and the log names the reason without the token. CORS preflights still answer without a
+written (the feedback names a card really issued to the static-JWKS issuer, so a token that got
+through would store a row), and the log names the reason without the token. CORS preflights still answer without a
 token (§8 "CORS").
 """
 
@@ -44,6 +45,7 @@ from tests.service_fixtures import (
     prediction,
     prefetch_from,
 )
+from tests.test_security_feedback import issue_card
 
 DISCOVERY = "/cds-services"
 HOOK = "/cds-services/ecglab-patient-view"
@@ -196,8 +198,8 @@ def positive_runtime() -> FakeRuntime:
     return FakeRuntime([prediction("ntprobnp", 0.95)])
 
 
-def request_body(endpoint: str) -> Any:
-    """A body that would yield cards (hook) or a stored row (feedback) if authentication let it in."""
+def request_body(endpoint: str, card: str | None = None) -> Any:
+    """A body that would yield cards (hook) or a stored row (feedback on ``card``) if authentication let it in."""
     if endpoint == "hook":
         return hook_request(
             "patient-view", prefetch=prefetch_from(clinical_record()), fhir_server=EHR_FHIR, token=FHIR_TOKEN
@@ -206,7 +208,7 @@ def request_body(endpoint: str) -> Any:
         return {
             "feedback": [
                 {
-                    "card": str(uuid.uuid4()),
+                    "card": card or str(uuid.uuid4()),
                     "outcome": "overridden",
                     "outcomeTimestamp": "2026-01-01T10:00:00Z",
                 }
@@ -215,12 +217,16 @@ def request_body(endpoint: str) -> Any:
     return None
 
 
-def send(app: Any, endpoint: str, headers: dict[str, str]) -> Any:
-    """Call ``endpoint`` (discovery GET, hook or feedback POST) with ``headers``."""
+def send(app: Any, endpoint: str, headers: dict[str, str], *, iss: str = EHR_ISS) -> Any:
+    """Call ``endpoint`` (discovery GET, hook or feedback POST) with ``headers``.
+
+    Feedback names a card first recorded as issued by the patient-view service to ``iss``.
+    """
     client = app.test_client()
     if endpoint == "discovery":
         return client.get(DISCOVERY, headers=headers)
-    return client.post(ENDPOINTS[endpoint], json=request_body(endpoint), headers=headers)
+    card = issue_card(app, service_id="ecglab-patient-view", issuer=iss) if endpoint == "feedback" else None
+    return client.post(ENDPOINTS[endpoint], json=request_body(endpoint, card), headers=headers)
 
 
 def feedback_rows(app: Any) -> int:
@@ -290,17 +296,13 @@ def test_unknown_kid_triggers_one_jwks_refetch_and_is_accepted_once_published(
     def rotated() -> dict[str, str]:
         return bearer(signed(service_env, path, key="ec2", iss=JKU_ISS, header={"jku": JKU_URL}))
 
-    assert (
-        send(
-            app, endpoint, bearer(signed(service_env, path, key="rsa", iss=JKU_ISS, header={"jku": JKU_URL}))
-        ).status_code
-        == 200
-    )
+    first = bearer(signed(service_env, path, key="rsa", iss=JKU_ISS, header={"jku": JKU_URL}))
+    assert send(app, endpoint, first, iss=JKU_ISS).status_code == 200
     assert service_env.jku_fetches == [JKU_URL]
-    assert_bare_401(send(app, endpoint, rotated()))
+    assert_bare_401(send(app, endpoint, rotated(), iss=JKU_ISS))
     assert service_env.jku_fetches == [JKU_URL] * 2, "an unknown kid forces one refetch"
     service_env.jku_jwks = jwks(service_env.keys["rsa"], service_env.keys["ec2"])  # the EHR publishes ec2
-    assert send(app, endpoint, rotated()).status_code == 200
+    assert send(app, endpoint, rotated(), iss=JKU_ISS).status_code == 200
     assert service_env.jku_fetches == [JKU_URL] * 3
 
 

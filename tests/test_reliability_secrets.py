@@ -90,10 +90,7 @@ def app(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Flask]:
         runtime=FakeRuntime([prediction("ntprobnp", 0.95)]),
     )
     yield built
-    state = built.extensions["ecglab"]
-    state.pipeline.deps.executor.shutdown(wait=False, cancel_futures=True)
-    state.pipeline.deps.fhir_executor.shutdown(wait=False, cancel_futures=True)
-    state.engine.dispose()
+    built.extensions["ecglab"].close()
 
 
 def every_logger_at_debug(caplog: pytest.LogCaptureFixture) -> None:
@@ -162,7 +159,15 @@ def test_no_token_jwt_or_patient_id_is_ever_logged(
     )
     call(
         FEEDBACK,
-        {"feedback": [{"card": "c-1", "outcome": "overridden", "outcomeTimestamp": "2026-01-01T00:00:00Z"}]},
+        {
+            "feedback": [
+                {
+                    "card": fetched.get_json()["cards"][0]["uuid"],  # feedback is taken only on issued cards
+                    "outcome": "overridden",
+                    "outcomeTimestamp": "2026-01-01T00:00:00Z",
+                }
+            ]
+        },
     )
     replayed = bearer(HOOK)
     used_jwts.append(replayed["Authorization"].removeprefix("Bearer "))

@@ -30,6 +30,7 @@ from tests.service_fixtures import (
     load_sample,
     mint,
 )
+from tests.test_security_feedback import issue_card
 
 pytest_plugins = ["tests.pg"]
 
@@ -82,15 +83,14 @@ def assert_bare_401(response: Any) -> None:
 
 def test_valid_es384_token_is_accepted_on_every_endpoint(make_app, service_env: ServiceEnv) -> None:
     """§8: an ES384 token from an allowlisted iss (static jwks_file) opens discovery, hooks and feedback."""
-    client = make_app().test_client()
+    app = make_app()
+    client = app.test_client()
     assert client.get(DISCOVERY, headers=service_env.bearer(DISCOVERY)).status_code == 200
     hook = client.post(HOOK, json=hook_request("patient-view"), headers=service_env.bearer(HOOK))
     assert hook.status_code == 412  # authenticated; the request itself lacks data
-    feedback = client.post(
-        FEEDBACK,
-        json=load_sample("spec/feedback.overridden-no-reason.json"),
-        headers=service_env.bearer(FEEDBACK),
-    )
+    body = load_sample("spec/feedback.overridden-no-reason.json")
+    issue_card(app, service_id="ecglab-patient-view", issuer=EHR_ISS, card_uuid=body["feedback"][0]["card"])
+    feedback = client.post(FEEDBACK, json=body, headers=service_env.bearer(FEEDBACK))
     assert feedback.status_code == 200
 
 
@@ -103,16 +103,9 @@ def test_valid_rs384_token_with_jku_is_accepted_and_jwks_cached(make_app, servic
     assert service_env.jku_fetches == [JKU_URL]
 
 
-@pytest.mark.parametrize(
-    "aud",
-    [
-        [PUBLIC_URL + DISCOVERY, "https://other.example.org"],
-        PUBLIC_URL,
-        PUBLIC_URL + "/",
-    ],
-)
-def test_aud_may_be_an_array_or_the_public_base_url(make_app, service_env: ServiceEnv, aud: Any) -> None:
-    """§8: aud is a string or an array; Epic-style hand-configured aud may name the public base URL."""
+def test_aud_may_be_an_array_naming_the_endpoint(make_app, service_env: ServiceEnv) -> None:
+    """§8: aud is a string or an array; one of its values must be the endpoint URL called."""
+    aud = [PUBLIC_URL + DISCOVERY, "https://other.example.org"]
     assert get(make_app(), mint(service_env.keys["ec"], iss=EHR_ISS, aud=aud)).status_code == 200
 
 
@@ -213,7 +206,7 @@ def test_time_claims_and_jti_are_checked(make_app, service_env: ServiceEnv, case
     ],
 )
 def test_wrong_aud_is_401(make_app, service_env: ServiceEnv, aud: Any) -> None:
-    """§8: aud (string or array) must name this endpoint or this service's public URL."""
+    """§8: aud (string or array) must name the endpoint called."""
     assert_bare_401(get(make_app(), mint(service_env.keys["ec"], iss=EHR_ISS, aud=aud)))
 
 

@@ -1,5 +1,9 @@
 """The feedback endpoint (cdshooks.md §6): spec, Sandbox and Epic shapes, idempotent, durable.
 
+Feedback is accepted only for cards the service issued to the caller, so :func:`send` first
+records the body's cards as issued by the order-select service to the test issuer
+(:func:`tests.test_security_feedback.issue_card`; the binding itself is pinned there).
+
 Every storage test runs twice: on the default SQLite file and on PostgreSQL (a throw-away
 embedded cluster from ``tests/pg.py``), the two backends ``ECGLAB_DATABASE_URL`` supports.
 """
@@ -13,11 +17,13 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from cds_service.db import Feedback
+from cds_service.db import Feedback, IssuedCard
 from tests.service_fixtures import (
+    EHR_ISS,
     ServiceEnv,
     load_sample,
 )
+from tests.test_security_feedback import issue_card
 
 pytest_plugins = ["tests.pg"]
 
@@ -33,7 +39,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def send(app: Any, env: ServiceEnv, body: Any) -> Any:
-    """POST a feedback body with a valid token."""
+    """POST a feedback body with a valid token, its cards first recorded as issued to the token's issuer."""
+    entries = body.get("feedback") if isinstance(body, dict) else None
+    cards = {e.get("card") for e in entries or [] if isinstance(e, dict) and isinstance(e.get("card"), str)}
+    with app.extensions["ecglab"].engine.connect() as conn:
+        known = set(conn.execute(select(IssuedCard.card_uuid)).scalars())
+    for card in cards - known:
+        issue_card(app, service_id="ecglab-order-select", issuer=EHR_ISS, card_uuid=card)
     return app.test_client().post(FEEDBACK, json=body, headers=env.bearer(FEEDBACK))
 
 
@@ -78,7 +90,7 @@ def test_spec_and_sandbox_feedback_is_stored(
         "ecglab-order-select",
     )
     if item["outcome"] == "accepted":
-        assert json.loads(row.accepted_suggestions) == [s["id"] for s in item["acceptedSuggestions"]]
+        assert json.loads(row.accepted_suggestions or "[]") == [s["id"] for s in item["acceptedSuggestions"]]
     if "overrideReason" in item:
         assert row.override_code == item["overrideReason"]["reason"]["code"]
 
@@ -102,7 +114,7 @@ def test_epic_override_reasons_variants_are_stored(
     [row] = rows(app)
     assert (row.override_code, row.override_display, row.user_comment) == EPIC_VARIANTS[variant]
     if variant == "overridden_with_extension":
-        assert "com.epic.cdshooks.feedback.overrideReason.reasonTitle" in row.extension
+        assert "com.epic.cdshooks.feedback.overrideReason.reasonTitle" in (row.extension or "")
 
 
 def test_repeated_feedback_is_stored_once(make_app, service_env: ServiceEnv, database_url: str) -> None:
