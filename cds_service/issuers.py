@@ -63,11 +63,14 @@ import httpx
 import jwt
 import yaml
 
+from cds_service.smart_backend_config import SmartBackendConfig
 from fhir_mappings.errors import ConfigError, EcglabError
 
 log = logging.getLogger(__name__)
 
-ISSUER_KEYS = frozenset({"jwks_file", "jwks_url", "jku_allow", "fhir_servers", "aud_allow_base"})
+ISSUER_KEYS = frozenset(
+    {"jwks_file", "jwks_url", "jku_allow", "fhir_servers", "aud_allow_base", "smart_backend"}
+)
 MAX_JWKS_BYTES = 256 * 1024
 MAX_JWKS_KEYS = 100
 #: Largest RSA modulus accepted (base64url characters of ``n``: 8192 bits); verification cost grows with it.
@@ -101,6 +104,7 @@ class IssuerConfig:
     fhir_servers: tuple[str, ...]
     static_jwks: Mapping[str, Any] | None
     aud_allow_base: bool = False
+    smart_backend: SmartBackendConfig | None = None
 
     def jku_allowed(self, jku: str) -> bool:
         """Whether a (checked) ``jku`` is one of this issuer's exact URLs or lies under one of its prefixes."""
@@ -256,7 +260,16 @@ def _issuer(iss: str, entry: Any, path: Path) -> IssuerConfig:
         raise ConfigError(f"{where}: give jwks_file or jwks_url, not both")
     if jwks_file is None and jwks_url is None and not jku_allow:
         raise ConfigError(f"{where}: needs a key source: jwks_file, jwks_url or jku_allow")
-    return IssuerConfig(iss, jwks_file, jwks_url, jku_allow, fhir_servers, static_jwks, aud_allow_base)
+    smart_backend: SmartBackendConfig | None = None
+    if entry.get("smart_backend") is not None:
+        smart_backend = SmartBackendConfig.from_mapping(
+            entry["smart_backend"], base_dir=path.parent, where=f"{where}.smart_backend"
+        )
+        if not fhir_servers:
+            raise ConfigError(f"{where}.smart_backend: needs fhir_servers (the servers its token is for)")
+    return IssuerConfig(
+        iss, jwks_file, jwks_url, jku_allow, fhir_servers, static_jwks, aud_allow_base, smart_backend
+    )
 
 
 def _url_list(value: Any, where: str) -> tuple[str, ...]:
