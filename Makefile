@@ -79,7 +79,7 @@ bench: install
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 readme: $(VENV)/.installed
-	$(BIN)/python -m tests.test_readme --write
+	$(BIN)/python -m tests.ops.test_readme --write
 
 format: $(VENV)/.installed
 	$(BIN)/ruff format .

@@ -41,6 +41,7 @@ EHR_FHIR = "https://fhir.example.org/r4"
 JKU_URL = "https://jku.example.net/keys/jwks.json"
 PATIENT_ID = "pat-4711-secret"
 FHIR_TOKEN = "fhir-access-token-do-not-log-8c1e"
+AUDIT_KEY = "test-audit-key-of-at-least-32-bytes-0001"
 LOINC = "http://loinc.org"
 
 
@@ -477,6 +478,7 @@ class ServiceEnv:
             "database_url": f"sqlite:///{self.tmp / 'service.sqlite3'}",
             "jwks_refetch_s": 0,
             "metrics": True,
+            "audit_key": AUDIT_KEY,
         }
         values.update(overrides)
         return values
