@@ -25,7 +25,18 @@ without ``--model``, uses a tiny random model. Prints one ``name: value`` line p
 * with a usable CUDA GPU: ``inference_gpu_batch256_ecg_per_s`` (CUDA provider, inputs and output
   on the device with IO binding, 256 ECGs = 1024 windows per call), ``gpu_matmul_tflops`` (the
   same dense GEMMs at that batch, as an ONNX MatMul graph on the same provider, so no torch is
-  needed) and ``inference_gpu_flop_floor_ratio``; otherwise one ``gpu: not available (…)`` line.
+  needed) and ``inference_gpu_flop_floor_ratio``; otherwise one ``gpu: not available (…)`` line;
+* when the manifest lists an ``int8`` variant (``ecglab quantize``), timed in the same rounds as
+  the fp32 figures: ``inference_cpu_int8_ecg_latency_ms_p50``, ``inference_cpu_int8_onnx_only_ms_p50``,
+  ``inference_cpu_int8_flop_floor_ratio`` (its ONNX-only p50 over the *fp32* dense floor: the
+  issue's bound is 0.6), ``inference_cpu_int8_speedup`` (fp32 ONNX-only p50 over int8's) and
+  ``inference_cpu_int8_batch64_ecg_per_s``; otherwise one ``int8: not available (…)`` line;
+* batched serving: ``SERVING_THREADS`` (16) threads each submit single prepared ECGs through the
+  runtime's :class:`~cds_service.batching.MicroBatcher` (fp32, default bounds: ≤ 5 ms wait,
+  ≤ 32 ECGs a call): ``batched_serving_ecg_per_s``, ``batched_serving_latency_ms_p99`` (one
+  submission), ``batched_serving_mean_batch`` (ECGs per ONNX call) and
+  ``batched_serving_ceiling_ratio`` (throughput over ``inference_cpu_batch64_ecg_per_s`` of the
+  same run; the issue's goal is ≥ 0.9).
 
 Calls of the compared functions are interleaved, with a short sleep before each (see
 ``_common.timed_rounds``), so load from other processes hits all of them alike.
@@ -37,6 +48,8 @@ import argparse
 import statistics
 import sys
 import tempfile
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,6 +68,7 @@ from _common import (
     timed_rounds,
 )
 
+from cds_service.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S
 from cds_service.features import EcgRecord, ModelInputs
 from cds_service.inference import ModelRuntime, cuda_unavailable_reason
 from fhir_mappings.metadata_encoding import encode_metadata
@@ -64,6 +78,7 @@ RAW_SECONDS = 10.0
 RAW_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 CPU_BATCH = 64
 GPU_BATCH = 256
+SERVING_THREADS = 16
 METADATA: dict[str, float | None] = {
     "sex": 0.0, "race": None, "age": 71.0, "temperature": 98.6, "heart_rate": 92.0, "resp_rate": 18.0,
     "spo2": 96.0, "sbp": 141.0, "dbp": None, "bmi": None, "weight": 82.0, "height": 168.0,
@@ -107,9 +122,18 @@ def encoded(runtime: ModelRuntime, n: int) -> tuple[np.ndarray, np.ndarray]:
     return encode_metadata({k: [METADATA[k]] * n for k in keys}, spec)
 
 
-def bench_cpu(model: BenchModel, threads: int, rounds: int, batch_rounds: int) -> None:
-    """Latency, ONNX-only latency and batch-64 throughput on the CPU provider, and the FLOP floor."""
+def bench_cpu(model: BenchModel, threads: int, rounds: int, batch_rounds: int) -> float:
+    """Latency, ONNX-only latency and batch-64 throughput on the CPU provider, and the FLOP floor.
+
+    The int8 variant, when the manifest lists one, is timed in the same interleaved rounds.
+    Returns the fp32 batch-64 throughput (ECG/s), the ceiling batched serving is compared with.
+    """
     runtime = ModelRuntime.load(model.directory, ["CPUExecutionProvider"], intra_op_threads=threads)
+    int8 = None
+    if "int8" in runtime.manifest.variants:
+        int8 = ModelRuntime.load(
+            model.directory, ["CPUExecutionProvider"], intra_op_threads=threads, variant="int8"
+        )
     spec = runtime.manifest.ecg
     layers = dense_layers(runtime.model_path, spec.n_windows)
     flops = gemm_flops(layers)
@@ -118,22 +142,25 @@ def bench_cpu(model: BenchModel, threads: int, rounds: int, batch_rounds: int) -
     cat, cont = encoded(runtime, 1)
     batch = np.stack([runtime.prepare(raw_ecg(seed), RAW_FS, RAW_LEADS) for seed in range(CPU_BATCH)])
     cat_b, cont_b = encoded(runtime, CPU_BATCH)
+    fns = {
+        "predict": lambda: runtime.predict(inputs),
+        "onnx": lambda: runtime.predict_prepared(prepared, cat, cont),
+        "floor": numpy_gemms(layers),
+    }
+    batch_fns = {"batch": lambda: runtime.predict_prepared(batch, cat_b, cont_b, batch_size=CPU_BATCH)}
+    if int8 is not None:
+        fns["int8_predict"] = lambda: int8.predict(inputs)
+        fns["int8_onnx"] = lambda: int8.predict_prepared(prepared, cat, cont)
+        batch_fns["int8_batch"] = lambda: int8.predict_prepared(batch, cat_b, cont_b, batch_size=CPU_BATCH)
     with blas_threads(threads):
         times = timed_rounds(
-            {
-                "predict": lambda: runtime.predict(inputs),
-                "onnx": lambda: runtime.predict_prepared(prepared, cat, cont),
-                "floor": numpy_gemms(layers),
-            },
+            fns,
             rounds,
             warmup=3,
             pause=0.2,  # OpenBLAS threads of the numpy floor spin ~0.1 s: let them settle first
         )
-        batch_times = timed_rounds(
-            {"batch": lambda: runtime.predict_prepared(batch, cat_b, cont_b, batch_size=CPU_BATCH)},
-            batch_rounds,
-            warmup=1,
-        )["batch"]
+        all_batch_times = timed_rounds(batch_fns, batch_rounds, warmup=1)
+    batch_times = all_batch_times["batch"]
     p50, p95 = percentiles_ms(times["predict"])
     onnx_p50, _ = percentiles_ms(times["onnx"])
     floor_s = min(times["floor"])
@@ -144,6 +171,71 @@ def bench_cpu(model: BenchModel, threads: int, rounds: int, batch_rounds: int) -
     report("numpy_matmul_gflops", flops / floor_s / 1e9)
     report("dense_gflop_per_ecg", flops / 1e9)
     report("inference_cpu_flop_floor_ratio", onnx_p50 / 1e3 / floor_s)
+    if int8 is None:
+        report("int8", "not available (the manifest lists no int8 variant; run 'ecglab quantize')")
+    else:
+        int8_onnx_p50, _ = percentiles_ms(times["int8_onnx"])
+        report("inference_cpu_int8_ecg_latency_ms_p50", percentiles_ms(times["int8_predict"])[0])
+        report("inference_cpu_int8_onnx_only_ms_p50", int8_onnx_p50)
+        report("inference_cpu_int8_flop_floor_ratio", int8_onnx_p50 / 1e3 / floor_s)
+        report("inference_cpu_int8_speedup", onnx_p50 / int8_onnx_p50)
+        report(
+            "inference_cpu_int8_batch64_ecg_per_s",
+            CPU_BATCH / statistics.median(all_batch_times["int8_batch"]),
+        )
+    return CPU_BATCH / statistics.median(batch_times)
+
+
+def bench_batched_serving(model: BenchModel, threads: int, per_thread: int, ceiling: float) -> None:
+    """``SERVING_THREADS`` threads submitting single prepared ECGs through the micro-batcher.
+
+    Each thread submits ``per_thread`` ECGs one after the other (closed loop, as request threads
+    of one gunicorn worker do); throughput counts all of them over the wall time of the whole run.
+    """
+    runtime = ModelRuntime.load(
+        model.directory,
+        ["CPUExecutionProvider"],
+        intra_op_threads=threads,
+        batch_max_wait_ms=DEFAULT_MAX_WAIT_S * 1000,
+        batch_max_size=DEFAULT_MAX_BATCH,
+    )
+    batcher = runtime.batcher
+    assert batcher is not None
+    needed = runtime.manifest.ecg.window * runtime.manifest.ecg.n_windows
+    items = []
+    for seed in range(SERVING_THREADS):
+        cat, cont = encoded(runtime, 1)
+        items.append((runtime.prepare(raw_ecg(seed), RAW_FS, RAW_LEADS)[:needed], cat[0], cont[0]))
+    for item in items[:2]:
+        batcher.submit(item)  # warm-up
+    calls_before = runtime.calls
+    latencies: list[float] = []
+    lock = threading.Lock()
+    start = threading.Barrier(SERVING_THREADS + 1)
+
+    def client(item: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        start.wait()
+        for _ in range(per_thread):
+            began = time.perf_counter()
+            batcher.submit(item)
+            with lock:
+                latencies.append(time.perf_counter() - began)
+
+    workers = [threading.Thread(target=client, args=(item,)) for item in items]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    began = time.perf_counter()
+    for worker in workers:
+        worker.join()
+    wall = time.perf_counter() - began
+    runtime.close()
+    served = SERVING_THREADS * per_thread
+    rate = served / wall
+    report("batched_serving_ecg_per_s", rate)
+    report("batched_serving_latency_ms_p99", float(np.percentile(np.asarray(latencies) * 1e3, 99)))
+    report("batched_serving_mean_batch", served / max(runtime.calls - calls_before, 1))
+    report("batched_serving_ceiling_ratio", rate / ceiling)
 
 
 def gemm_graph(layers: list[tuple[int, int, int]], path: Path) -> list[str]:
@@ -258,11 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     rounds, batch_rounds, gpu_rounds = (4, 2, 3) if args.quick else (50, 5, 20)
+    per_thread = 2 if args.quick else 8
     with tempfile.TemporaryDirectory(prefix="ecglab-bench-") as tmp:
         model = resolve_model(args.model, args.quick, Path(tmp))
         report("model", model.description)
         report("cpu_threads", args.threads)
-        bench_cpu(model, args.threads, rounds, batch_rounds)
+        ceiling = bench_cpu(model, args.threads, rounds, batch_rounds)
+        bench_batched_serving(model, args.threads, per_thread, ceiling)
         reason = cuda_unavailable_reason()
         if reason is None:
             gpu = gpu_figures(model, gpu_rounds, Path(tmp))

@@ -8,7 +8,10 @@ Endpoints (cdshooks.md §0.1):
 ``POST /cds-services/{id}/feedback``  clinician feedback on our cards
 ``OPTIONS`` on the three above        CORS preflight, answered without a JWT
 ``GET  /healthz``                     200 when the model and the database are usable, else 503
-``GET  /metrics``                     Prometheus metrics (``ECGLAB_METRICS``)
+``GET  /metrics``                     Prometheus metrics (``ECGLAB_METRICS``), with the newest
+                                      monitor report's gauges (``ECGLAB_MONITOR_DIR``)
+``GET  /cds-services/model-card``     the model card as JSON (no JWT, no patient data)
+``GET  /model-card``                  the model card as an HTML page (no JWT, no CORS)
 ``/demo``                             card-preview page, only with ``ECGLAB_DEMO=on`` (auth off)
 ====================================  =====================================================
 
@@ -23,11 +26,19 @@ is the model: any object with ``version``, ``trained_on_synthetic``, ``provider`
 ``ECGLAB_MODEL_DIR`` is loaded with :meth:`cds_service.inference.ModelRuntime.load`, and a model
 that cannot be loaded stops startup (``ConfigError``).
 
+Governance (README "Governance"): the kill-switch file (``ECGLAB_CONTROLS``, validated against
+the manifest's labs and targets at start-up, then re-read when it changes), the audit trail
+(``ECGLAB_AUDIT``, ``ECGLAB_AUDIT_KEY``, ``ECGLAB_AUDIT_RETENTION_DAYS``:
+:mod:`cds_service.hook_audit`), the model card (``ECGLAB_SITE_INFO``) and the monitor gauges
+(``ECGLAB_MONITOR_DIR``: :mod:`cds_service.governance`). A bad controls or site file, or a missing
+audit key with auth on, stops startup (``ConfigError``).
+
 The assembled pieces live in ``app.extensions["ecglab"]`` (:class:`ServiceState`); tests swap its
 ``jwks.transport`` and ``pipeline.deps.fhir_transport`` for ``httpx.MockTransport`` objects. The
-app owns its thread pools and database engine: :meth:`ServiceState.close` stops them, and runs by
-itself when the app is garbage-collected or the process exits (a :func:`weakref.finalize`, which
-is also an ``atexit`` hook), so neither callers nor tests shut anything down by hand.
+app owns its thread pools, audit and retention threads and database engine:
+:meth:`ServiceState.close` stops them (writing the queued audit rows first), and runs by itself
+when the app is garbage-collected or the process exits (a :func:`weakref.finalize`, which is also
+an ``atexit`` hook), so neither callers nor tests shut anything down by hand.
 """
 
 from __future__ import annotations
@@ -42,13 +53,17 @@ from flask import Flask
 from sqlalchemy import Engine
 
 from cds_service.auth import Authenticator
+from cds_service.controls import Controls, known_names
 from cds_service.db import init_db, make_engine
+from cds_service.governance import LatestReport, ModelCardSource
+from cds_service.hook_audit import AuditTrail, resolve_audit_key
 from cds_service.hook_request import SERVICES, USAGE
 from cds_service.hooks import HookPipeline, ModelRuntimeLike, PipelineDeps
 from cds_service.issuers import IssuerConfig, JwksCache, load_issuers
 from cds_service.prefetch import PrefetchQuery, build_queries, templates
 from cds_service.routes import blueprint, metrics_blueprint
 from cds_service.settings import Settings
+from cds_service.site_info import load_site_info
 from fhir_mappings import Mappings, load_mappings
 
 log = logging.getLogger(__name__)
@@ -70,11 +85,19 @@ class ServiceState:
     pipeline: HookPipeline
     queries: tuple[PrefetchQuery, ...]
     discovery: dict[str, Any]
+    model_card: ModelCardSource
+    monitor_report: LatestReport
+
+    @property
+    def audit(self) -> AuditTrail:
+        """The audit trail of the hook calls."""
+        return self.pipeline.deps.audit
 
     def close(self) -> None:
-        """Stop the hook and FHIR thread pools and close the database connections (idempotent)."""
+        """Stop the thread pools, write the queued audit rows, close the database (idempotent)."""
         self.pipeline.deps.executor.shutdown(wait=False, cancel_futures=True)
         self.pipeline.deps.fhir_executor.shutdown(wait=False, cancel_futures=True)
+        self.pipeline.deps.audit.close()
         self.engine.dispose()
 
 
@@ -101,8 +124,13 @@ def _load_runtime(settings: Settings) -> ModelRuntimeLike:
     return runtime
 
 
-def build_discovery(queries: tuple[PrefetchQuery, ...], runtime: ModelRuntimeLike) -> dict[str, Any]:
-    """The discovery document: one service per hook, all with the same prefetch templates."""
+def build_discovery(
+    queries: tuple[PrefetchQuery, ...], runtime: ModelRuntimeLike, model_card_url: str | None = None
+) -> dict[str, Any]:
+    """The discovery document: one service per hook, all with the same prefetch templates.
+
+    The extension names the model version, whether it is a demo model, and where its model card is.
+    """
     prefetch = templates(queries)
     services = []
     for service in SERVICES.values():
@@ -118,11 +146,34 @@ def build_discovery(queries: tuple[PrefetchQuery, ...], runtime: ModelRuntimeLik
                     DISCOVERY_EXTENSION: {
                         "modelVersion": str(runtime.version),
                         "syntheticModel": bool(runtime.trained_on_synthetic),
+                        **({"modelCard": model_card_url} if model_card_url else {}),
                     }
                 },
             }
         )
     return {"services": services}
+
+
+def _controls(settings: Settings, runtime: ModelRuntimeLike) -> Controls:
+    """The kill-switch file (``ECGLAB_CONTROLS``), its names checked against the manifest's labels."""
+    manifest = getattr(runtime, "manifest", None)
+    labs, targets = known_names(manifest.labels) if manifest is not None else (None, None)
+    controls = Controls(settings.controls, known_labs=labs, known_targets=targets)
+    if settings.controls is not None:
+        log.info("controls file %s: %s", settings.controls, controls.current().describe())
+    return controls
+
+
+def _model_card(settings: Settings, runtime: ModelRuntimeLike, report: LatestReport) -> ModelCardSource:
+    """The model card source: manifest, site file (``ECGLAB_SITE_INFO``) and evaluation figures."""
+    model_path = getattr(runtime, "model_path", None)
+    return ModelCardSource(
+        getattr(runtime, "manifest", None),
+        model_path.parent if model_path is not None else None,
+        load_site_info(settings.site_info),
+        report,
+        settings.public_url,
+    )
 
 
 def _warn_auth_off(settings: Settings) -> None:
@@ -149,7 +200,13 @@ def create_app(
     mappings = load_mappings()
     engine = make_engine(settings.database_url)
     init_db(engine)
+    audit_key = resolve_audit_key(settings)
     model = runtime if runtime is not None else _load_runtime(settings)
+    controls = _controls(settings, model)
+    monitor_report = LatestReport(settings.monitor_dir)
+    model_card = _model_card(settings, model, monitor_report)
+    audit = AuditTrail(engine, audit_key, model)
+    audit.start_retention(settings.audit_retention_days)
     queries = build_queries(mappings)
     jwks = JwksCache(
         ttl_s=settings.jwks_cache_s,
@@ -168,6 +225,8 @@ def create_app(
             max_workers=max(4, 2 * settings.threads), thread_name_prefix="ecglab-hook"
         ),
         fhir_executor=concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ecglab-fhir"),
+        controls=controls,
+        audit=audit,
     )
     state = ServiceState(
         settings=settings,
@@ -179,7 +238,9 @@ def create_app(
         authenticator=authenticator,
         pipeline=HookPipeline(deps),
         queries=queries,
-        discovery=build_discovery(queries, model),
+        discovery=build_discovery(queries, model, model_card.html_url),
+        model_card=model_card,
+        monitor_report=monitor_report,
     )
     app = Flask("cds_service")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_mb * 1024 * 1024
@@ -197,11 +258,13 @@ def create_app(
             "ECGLAB_DEMO=on: the /demo page lists and reads patients of %s", settings.dev_fhir_servers[0]
         )
     log.info(
-        "ecglab service ready: model %s (%s), %d issuers, auth %s, public URL %s",
+        "ecglab service ready: model %s (%s), %d issuers, auth %s, mode %s, audit %s, public URL %s",
         model.version,
         getattr(model, "provider", "?"),
         len(issuers),
         "on" if settings.auth else "OFF",
+        state.pipeline.control_state().mode,
+        "on" if audit.enabled else "off",
         settings.public_url,
     )
     return app

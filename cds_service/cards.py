@@ -1,14 +1,19 @@
 """Model predictions → CDS Hooks cards that recommend lab tests (pure functions, no I/O).
 
-One card per lab (cdshooks.md §0.6, §5): the estimate ("abnormal now") and the forecasts ("within
-30/60/120 min") of the same lab are merged, and a card appears only when at least one of them
-passes the manifest's decision threshold. Each card
+One card per lab (cdshooks.md §0.6, §5): the estimate (the value around the ECG's time) and the
+forecasts (at least one abnormal value in the 30/60/120 min after the ECG) of the same lab are
+merged, and a card appears only when at least one of them passes the manifest's decision threshold
+**and its claim window has not fully passed** at the time of the call (the pipeline's clock,
+``CardContext.now``): every target is anchored to the ECG's time (:mod:`fhir_mappings.tasks`), so an
+ECG 100 min old supports only the 120-min forecast and a 5-hour-old one no claim at all. Each card
 
-* has a ``summary`` under 140 characters naming the test and when it is likely abnormal;
+* has a ``summary`` under 140 characters naming the test and its most urgent open claim in clock
+  time with the ECG's age (wording: :mod:`cds_service.card_text`);
 * takes its ``indicator`` from the lab's severity and the probability (``ECGLAB_INDICATOR_MAP``);
-* explains itself in Markdown ``detail``: probability, threshold, horizon, the inputs the model
-  used (values and the FHIR resources that supplied them), the model version, and, for a model
-  trained on synthetic data, a plain warning that it is a demo not for clinical use;
+* explains itself in Markdown ``detail``: each open claim with its window, the (calibrated, when the
+  manifest says so) probability, the threshold, the test-fold AUROC with its CI, the inputs the
+  model used (values and the FHIR resources that supplied them), the model version, and, for a
+  model trained on synthetic data, a plain warning that it is a demo not for clinical use;
 * carries a static alphanumeric ``source.topic.code`` per lab (Epic keys overrides on it);
 * offers one suggestion with one ``create`` action: a draft ``ServiceRequest`` for the lab's
   LOINC order code, with the ECG as ``reasonReference``;
@@ -25,8 +30,9 @@ FHIR type name, a requester must be ``Practitioner/`` or ``PractitionerRole/`` +
 from the contract package (lab and feature names) or the model manifest, not from the request.
 
 Targets whose validation-fold AUROC is not demonstrably above ``ECGLAB_MIN_AUROC`` (the CI lower
-bound in the manifest; 0.70 by default, the paper's criterion) never give cards. Labs are skipped when
-ordering them would be redundant: already among the draft orders of the
+bound in the manifest; 0.70 by default, the paper's criterion) never give cards; a manifest written
+before validation figures were recorded is gated on its test-fold bound, and that is logged once.
+Labs are skipped when ordering them would be redundant: already among the draft orders of the
 order-select/order-sign context, already ordered (an active/on-hold/draft ServiceRequest with the
 lab's order code or one of its result codes), or resulted within ``ECGLAB_RECENT_RESULT_MIN``.
 At most ``ECGLAB_MAX_CARDS`` cards are returned, the most urgent first (soonest horizon, then lab
@@ -35,44 +41,75 @@ severity, then probability).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 
+from cds_service.card_text import (
+    ModelFacts,
+    TargetFacts,
+    Timeline,
+    detail_text,
+    safe_id,
+    safe_reference,
+    summary_text,
+)
+from cds_service.ecg.select import DOCUMENT_TIME, MEDIA_TIME, OBSERVATION_TIME
 from cds_service.fhir_values import parse_fhir_datetime
-from cds_service.hook_request import FHIR_ID
+from cds_service.fhir_values import reference as fhir_reference
 from cds_service.settings import IndicatorRule, Settings
 from fhir_mappings import Coding, LabSpec, Mappings
 
-if TYPE_CHECKING:  # runtime imports would pull numpy/scipy into this pure module for nothing
+if TYPE_CHECKING:  # types only: importing the feature and inference modules here would serve nothing
     from cds_service.features import ModelInputs, PatientData
     from cds_service.inference import TargetPrediction
 
+__all__ = [
+    "CARD_EXTENSION",
+    "BuiltCard",
+    "CardContext",
+    "LabFinding",
+    "ModelFacts",
+    "TargetFacts",
+    "Timeline",
+    "build_cards",
+    "ecg_zone",
+    "findings",
+    "pick_indicator",
+    "redundancy",
+    "result_time",
+    "safe_id",
+    "safe_reference",
+    "summary_text",
+    "topic_code",
+    "validated",
+]
+
 log = logging.getLogger(__name__)
 
-SUMMARY_LIMIT = 139
 CARD_EXTENSION = "org.ecglab.prediction"
 LAB_CATEGORY = {"system": "http://snomed.info/sct", "code": "108252007", "display": "Laboratory procedure"}
 SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
 ORDER_STATUSES = frozenset({"active", "on-hold", "draft"})
 IGNORED_RESULT_STATUSES = frozenset({"cancelled", "entered-in-error"})
 REQUESTER_TYPES = frozenset({"Practitioner", "PractitionerRole"})
-RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
-COMPUTED_FROM = re.compile(r"computed from (\S+) and (\S+)")
 OVERRIDE_REASONS = (
     ("already-ordered", "Already ordered or recently resulted"),
     ("not-indicated", "Not clinically indicated"),
     ("disagree-model", "Disagree with the model estimate"),
     ("patient-declined", "Patient declined"),
 )
-DEMO_WARNING = (
-    "**Demo model — not for clinical use.** This model was trained on synthetic data; "
-    "its probabilities carry no clinical meaning."
-)
+#: Where each ECG carrier keeps its recording time, in the order the ECG selection reads them.
+ECG_TIME_PATHS: dict[str, tuple[str, ...]] = {
+    "Observation": OBSERVATION_TIME,
+    "Media": MEDIA_TIME,
+    "DocumentReference": DOCUMENT_TIME,
+}
 
 
 @dataclass(frozen=True)
@@ -86,15 +123,6 @@ class CardContext:
     user_ref: str | None
     draft_orders: Sequence[Mapping[str, Any]]
     now: datetime
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """The runtime facts a card states: model name/version and whether it was trained on synthetic data."""
-
-    name: str
-    version: str
-    synthetic: bool
 
 
 @dataclass
@@ -114,14 +142,14 @@ class BuiltCard:
 
 @dataclass
 class LabFinding:
-    """All predictions of one lab that passed their decision threshold."""
+    """All predictions of one lab that passed their decision threshold and whose claim is still open."""
 
     lab: LabSpec
     passing: list[TargetPrediction] = field(default_factory=list)
 
     @property
     def lead(self) -> TargetPrediction:
-        """The most urgent passing prediction: soonest horizon, then highest probability."""
+        """The most urgent open claim: soonest horizon, then highest probability."""
         return min(self.passing, key=lambda p: (p.horizon_min, -p.probability))
 
     @property
@@ -229,59 +257,60 @@ def redundancy(
     return None
 
 
-# -- ids from the EHR ------------------------------------------------------------------------------------
+# -- the ECG's clock ----------------------------------------------------------------------------------
 
 
-def safe_id(value: object) -> str | None:
-    """``value`` when it is a FHIR id (:data:`FHIR_ID`), else ``None`` (to be omitted, not echoed)."""
-    return value if isinstance(value, str) and FHIR_ID.fullmatch(value) else None
+def _raw_at(resource: Mapping[str, Any], path: str) -> object:
+    """The value at a dotted ``path`` of a resource (``None`` where the path does not lead)."""
+    node: Any = resource
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
 
 
-def safe_reference(value: object, types: frozenset[str] | None = None) -> str | None:
-    """``value`` when it is a relative ``Type/id`` reference (of one of ``types`` if given), else ``None``."""
-    if not isinstance(value, str):
-        return None
-    kind, slash, rid = value.partition("/")
-    if not slash or not RESOURCE_TYPE.fullmatch(kind) or safe_id(rid) is None:
-        return None
-    return value if types is None or kind in types else None
+def ecg_zone(resources: Iterable[Mapping[str, Any]], reference: str, recorded_at: datetime) -> tzinfo:
+    """The UTC offset the ECG's own FHIR time was written in, else UTC.
+
+    The service reads every FHIR time as UTC (:func:`cds_service.fhir_values.parse_fhir_datetime`);
+    the card shows clock times in the ECG's offset, so it rereads the time string the ECG
+    selection took: the first parsable one on the carrier's time paths of the resource named
+    ``reference`` whose instant is ``recorded_at``. A string without an offset (or no match) is UTC.
+    """
+    for resource in resources:
+        if not isinstance(resource, Mapping) or fhir_reference(resource) != reference:
+            continue
+        for path in ECG_TIME_PATHS.get(str(resource.get("resourceType")), ()):
+            raw = _raw_at(resource, path)
+            moment = parse_fhir_datetime(raw)
+            if moment is None:
+                continue
+            if moment != recorded_at or not isinstance(raw, str):
+                break
+            try:
+                zone = datetime.fromisoformat(raw.strip()).tzinfo
+            except ValueError:  # a partial date: parsed as UTC
+                zone = None
+            return zone or UTC
+    return UTC
 
 
-def _source_note(source: str | None) -> str:
-    """`` (Type/id)`` naming where an input came from, `` (Patient record)``, or ``""`` when not safe to show."""
-    if not source:
-        return ""
-    if source == "Patient" or source.startswith("Patient/"):
-        return " (Patient record)"
-    if safe_reference(source) is not None:
-        return f" ({source})"
-    computed = COMPUTED_FROM.fullmatch(source)
-    if computed and all(safe_reference(part) is not None for part in computed.groups()):
-        return f" ({source})"
-    return ""
+def _aware(moment: datetime) -> datetime:
+    """``moment`` with a zone (a naive time is UTC, the service's time rule)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-# -- wording --------------------------------------------------------------------------------------------
+def timeline_for(inputs: ModelInputs, data: PatientData, now: datetime) -> Timeline:
+    """The ECG's time and the call's time, shown on the ECG's own clock."""
+    recorded = _aware(inputs.ecg.recorded_at)
+    return Timeline(recorded, _aware(now), ecg_zone(data.ecgs, inputs.ecg.reference, recorded))
 
 
-def _when(horizon_min: int) -> str:
-    """``now`` for the estimate, ``within N min`` for a forecast horizon."""
-    return "now" if horizon_min == 0 else f"within {horizon_min} min"
+def _iso(moment: datetime) -> str:
+    """An instant in UTC as FHIR writes it (``2026-03-01T14:05:00Z``)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _direction_word(direction: str) -> str:
-    """``high`` or ``low``."""
-    return "high" if direction == "high" else "low"
-
-
-def summary_text(display: str, lead: TargetPrediction, *, synthetic: bool) -> str:
-    """``Consider <test>: likely abnormally high now`` (≤ 139 chars; the test name is shortened if needed)."""
-    prefix = "[DEMO] " if synthetic else ""
-    verb = "likely abnormally" if lead.horizon_min == 0 else "likely to turn abnormally"
-    tail = f": {verb} {_direction_word(lead.direction)} {_when(lead.horizon_min)} (ECG model)"
-    room = SUMMARY_LIMIT - len(prefix) - len("Consider ") - len(tail)
-    name = display if len(display) <= room else display[: max(room - 1, 1)].rstrip() + "…"
-    return f"{prefix}Consider {name}{tail}"
+# -- indicator ------------------------------------------------------------------------------------------
 
 
 def pick_indicator(rules: Sequence[IndicatorRule], severity: str, probability: float) -> str:
@@ -290,71 +319,6 @@ def pick_indicator(rules: Sequence[IndicatorRule], severity: str, probability: f
         if rule.matches(severity, probability):
             return rule.indicator
     return "info"
-
-
-#: UCUM units as clinicians read them (anything else is shown as written).
-READABLE_UNITS = {"a": "years", "[degF]": "°F", "mm[Hg]": "mmHg", "kg/m2": "kg/m²", "/min": "/min"}
-
-
-def _fmt_value(value: float, unit: str | None) -> str:
-    """A feature value with its unit as a clinician reads it (age in whole years)."""
-    number = f"{value:.0f}" if unit == "a" or abs(value) >= 1000 else f"{value:.1f}"
-    return f"{number} {READABLE_UNITS.get(unit or '', unit or '')}".rstrip()
-
-
-def _describe_inputs(inputs: ModelInputs, mappings: Mappings) -> list[str]:
-    """One Markdown bullet per model input: value (or 'missing, imputed') and the resource it came from."""
-    lines = []
-    for spec in mappings.features:
-        value = inputs.metadata.get(spec.key)
-        origin = _source_note(inputs.sources.get(spec.key))
-        if value is None:
-            lines.append(f"- {spec.display}: missing, imputed by the model")
-            continue
-        if spec.kind == "categorical" and spec.categories:
-            index = round(value)
-            shown = spec.categories[index] if 0 <= index < len(spec.categories) else str(value)
-        else:
-            shown = _fmt_value(float(value), spec.unit)
-        lines.append(f"- {spec.display}: {shown}{origin}")
-    return lines
-
-
-def detail_text(finding: LabFinding, inputs: ModelInputs, mappings: Mappings, model: ModelFacts) -> str:
-    """The card's Markdown explanation: what, how sure, from which inputs, which model."""
-    lab = finding.lab
-    lead = finding.lead
-    parts = []
-    if model.synthetic:
-        parts.append(DEMO_WARNING)
-    parts.append(
-        f"The ECG model estimates that **{lab.display}** is likely abnormally "
-        f"**{_direction_word(lead.direction)}** {_when(lead.horizon_min)}: probability "
-        f"{lead.probability:.2f}, above the decision threshold {lead.decision_threshold:.2f}."
-    )
-    rows = ["| When | Abnormal | Probability | Threshold | AUROC |", "|---|---|---|---|---|"]
-    for p in sorted(finding.passing, key=lambda p: (p.horizon_min, p.direction)):
-        limit = ""
-        if p.value_threshold is not None:
-            sign = ">" if p.direction == "high" else "<"
-            limit = f" ({sign} {p.value_threshold:g} {p.unit or ''})".rstrip()
-        auroc = f"{p.auroc:.2f}" if p.auroc is not None else "n/a"
-        rows.append(
-            f"| {_when(p.horizon_min)} | {_direction_word(p.direction)}{limit} | {p.probability:.2f} | "
-            f"{p.decision_threshold:.2f} | {auroc} |"
-        )
-    parts.append("\n".join(rows))
-    ecg = inputs.ecg
-    recorded = ecg.recorded_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    ecg_ref = safe_reference(ecg.reference)
-    ecg_line = f"- 12-lead ECG recorded {recorded}" + (f" ({ecg_ref})" if ecg_ref else "")
-    inputs_md = [ecg_line, *_describe_inputs(inputs, mappings)]
-    parts.append("**Inputs the model used:**\n" + "\n".join(inputs_md))
-    parts.append(
-        f"Model: {model.name} {model.version}. Decision support only: confirm the indication clinically "
-        "before ordering."
-    )
-    return "\n\n".join(parts)
 
 
 # -- the draft order -----------------------------------------------------------------------------------
@@ -404,26 +368,46 @@ def _lab_for(prediction: TargetPrediction, mappings: Mappings) -> LabSpec | None
     return lab
 
 
+@functools.cache
+def _log_test_fold_gate() -> None:
+    """Say once per process that the card gate falls back to the test fold (an old manifest)."""
+    log.warning(
+        "The model manifest has no validation-fold AUROC CI; the card gate (ECGLAB_MIN_AUROC) uses the "
+        "test-fold CI it was deployed with. Re-export the model to gate on the validation fold."
+    )
+
+
 def validated(prediction: TargetPrediction, min_auroc: float) -> bool:
     """Whether a target's discrimination is demonstrated: its validation-fold AUROC's 95 % CI lower
-    bound (from the manifest; the test fold only chooses nothing) exceeds ``min_auroc`` — the
-    paper's criterion for a lab it "predicts". See ``TargetPrediction.gate_auroc_ci_low``.
+    bound (from the manifest; the test fold chooses nothing) exceeds ``min_auroc`` — the paper's
+    criterion for a lab it "predicts". See ``TargetPrediction.gate_auroc_ci_low``.
 
-    A target the manifest gives no CI for is trusted (nothing to check against).
+    A manifest written before validation figures were recorded has only the test fold's bound; it
+    is used then (the gate the model was deployed with), and that is logged once. A target the
+    manifest gives no CI for is trusted (nothing to check against).
     """
+    if min_auroc <= 0.0:
+        return True
+    if prediction.auroc_val_ci_low is None and prediction.auroc_ci_low is not None:
+        _log_test_fold_gate()
     bound = prediction.gate_auroc_ci_low
-    return min_auroc <= 0.0 or bound is None or bound > min_auroc
+    return bound is None or bound > min_auroc
 
 
 def findings(
-    predictions: Iterable[TargetPrediction], mappings: Mappings, min_auroc: float = 0.0
+    predictions: Iterable[TargetPrediction],
+    mappings: Mappings,
+    timeline: Timeline,
+    min_auroc: float = 0.0,
 ) -> list[LabFinding]:
-    """Group passing predictions by lab (predictions of labs absent from the mappings are skipped).
+    """Group the open, passing claims by lab (predictions of labs absent from the mappings are skipped).
 
     A prediction passes when its probability reaches its decision threshold and its target is
-    :func:`validated`.
+    :func:`validated`; it is kept only while its claim window is open at ``timeline.now``. A lab
+    whose every passing claim has closed gives no finding (and the log says so).
     """
     by_lab: dict[str, LabFinding] = {}
+    closed: set[str] = set()
     for p in predictions:
         if p.probability < p.decision_threshold or not validated(p, min_auroc):
             continue
@@ -431,7 +415,12 @@ def findings(
         if lab is None:
             log.warning("prediction %s names a lab missing from fhir_mappings; no card", p.target)
             continue
+        if not timeline.is_open(p.task):
+            closed.add(lab.key)
+            continue
         by_lab.setdefault(lab.key, LabFinding(lab)).passing.append(p)
+    for key in sorted(closed - set(by_lab)):
+        log.info("no card for %s: every claim window has passed (ECG %s)", key, timeline.age())
     return list(by_lab.values())
 
 
@@ -452,8 +441,9 @@ def build_cards(
     new_uuid: Callable[[], str] = lambda: str(uuid.uuid4()),
 ) -> list[BuiltCard]:
     """The response's cards for one hook call, most urgent first, at most ``settings.max_cards``."""
+    timeline = timeline_for(inputs, data, ctx.now)
     kept: list[LabFinding] = []
-    for finding in findings(predictions, mappings, settings.min_auroc):
+    for finding in findings(predictions, mappings, timeline, settings.min_auroc):
         reason = redundancy(
             finding.lab,
             draft_orders=ctx.draft_orders,
@@ -467,7 +457,10 @@ def build_cards(
             continue
         kept.append(finding)
     kept.sort(key=urgency)
-    return [_card(f, inputs, ctx, mappings, settings, model, new_uuid) for f in kept[: settings.max_cards]]
+    return [
+        _card(f, inputs, ctx, mappings, settings, model, timeline, new_uuid)
+        for f in kept[: settings.max_cards]
+    ]
 
 
 def _card(
@@ -477,6 +470,7 @@ def _card(
     mappings: Mappings,
     settings: Settings,
     model: ModelFacts,
+    timeline: Timeline,
     new_uuid: Callable[[], str],
 ) -> BuiltCard:
     """Assemble one card (and the facts recorded for feedback) for a lab finding."""
@@ -485,6 +479,7 @@ def _card(
     code = topic_code(lab.key)
     indicator = pick_indicator(settings.indicator_map, lab.severity, finding.probability)
     card_uuid, suggestion_uuid = new_uuid(), new_uuid()
+    window = timeline.window(lead.task)
     source: dict[str, Any] = {
         "label": settings.source_label,
         "topic": {
@@ -497,9 +492,9 @@ def _card(
         source["url"] = settings.source_url
     card: dict[str, Any] = {
         "uuid": card_uuid,
-        "summary": summary_text(lab.display, lead, synthetic=model.synthetic),
+        "summary": summary_text(lab.display, lead, timeline, synthetic=model.synthetic),
         "indicator": indicator,
-        "detail": detail_text(finding, inputs, mappings, model),
+        "detail": detail_text(lab.display, finding.passing, lead, inputs, mappings, model, timeline),
         "source": source,
         "selectionBehavior": "any",
         "suggestions": [
@@ -527,6 +522,9 @@ def _card(
                 "horizons": sorted({p.horizon_min for p in finding.passing}),
                 "probability": round(finding.probability, 4),
                 "decisionThreshold": round(lead.decision_threshold, 4),
+                "calibrated": model.facts(lead).calibrated,
+                "ecgTime": _iso(timeline.ecg_time),
+                "claimWindow": {"start": _iso(window[0]), "end": _iso(window[1])},
                 "modelVersion": model.version,
                 "syntheticModel": model.synthetic,
             }

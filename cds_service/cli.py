@@ -58,6 +58,9 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "model_training.seed_fhir.command",
         "seed a FHIR server with demo patients, vitals, ECGs, labs and orders",
     ),
+    Subcommand(
+        "ecg", "cds_service.ecg_inspect", "inspect an ECG file: what the service reads and the model sees"
+    ),
     Subcommand("serve", "cds_service.serve", "run the CDS Hooks service under gunicorn"),
     Subcommand("demo", "cds_service.demo", "start FHIR server + service, fire hooks and show the cards"),
     Subcommand("audit", "cds_service.audit_cli", "export (CSV/Parquet) or purge the hook audit trail"),

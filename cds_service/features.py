@@ -5,7 +5,7 @@ windows, race categories, ECG codes, lead names); this module applies the rules 
 of the network itself. The inference runtime then prepares the ECG (:mod:`cds_service.ecg.prepare`)
 and encodes the metadata (training medians, missing indicators).
 
-Rules (each pinned by a test in ``tests/test_features.py``):
+Rules (each pinned by a test in ``tests/fhir/test_features.py``):
 
 **ECG choice** (:mod:`cds_service.ecg.select`). The newest ECG Observation, Media or
 DocumentReference of the patient within ``ecg.max_age_minutes`` (none → :class:`NoEcgError`),
@@ -32,26 +32,38 @@ reads BMI only from MIMIC ``omr``; hospitals often chart weight and height witho
 arithmetic is exact, so this fills a value the model would otherwise impute. ``sources["bmi"]``
 then names both Observations.
 
+**Patient binding.** ``context.patientId`` is authoritative. :func:`bind_to_patient` (what
+``PatientData.bound_to`` calls, and :func:`extract_model_inputs` applies whenever
+``PatientData.patient_id`` is set) drops a Patient resource with another id, and every ECG,
+Observation, lab result and ServiceRequest whose subject names another patient
+(:func:`cds_service.ecg.select.names_other_patient`: ``Patient/<id>``, versioned or absolute; a
+``urn:uuid`` or contained reference cannot be shown to be the context patient and is dropped too),
+also when the Patient resource is ``null``. Dropped resources are counted in one warning per call,
+by type, never with an id. Without ``patient_id`` (command-line use) the Patient resource's id is
+the reference, as before.
+
 Times follow :func:`cds_service.fhir_values.parse_fhir_datetime` (no zone → UTC; a partial date is
 the start of its period).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from typing import Any
 
+from cds_service.ecg.isolation import Decoder
 from cds_service.ecg.record import EcgRejected
-from cds_service.ecg.select import OBSERVATION_TIME, EcgRecord, NoEcgError, select_ecg
+from cds_service.ecg.select import OBSERVATION_TIME, EcgRecord, NoEcgError, names_other_patient, select_ecg
 from cds_service.fhir_values import (
     as_list,
     codings,
     first_time,
     has_code,
-    of_patient,
     parse_fhir_datetime,
     reference,
     usable,
@@ -64,6 +76,7 @@ __all__ = [
     "ModelInputs",
     "NoEcgError",
     "PatientData",
+    "bind_to_patient",
     "completed_years",
     "extract_metadata",
     "extract_model_inputs",
@@ -72,6 +85,8 @@ __all__ = [
 ]
 
 GENDER_SYSTEM = "http://hl7.org/fhir/administrative-gender"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -215,16 +230,23 @@ def extract_metadata(
     observations: Iterable[Mapping[str, Any]],
     mappings: Any,
     at: datetime,
+    *,
+    patient_id: str | None = None,
 ) -> tuple[dict[str, float | None], dict[str, str]]:
-    """Every feature of the mappings at time ``at`` (the ECG time): values and their sources."""
+    """Every feature of the mappings at time ``at`` (the ECG time): values and their sources.
+
+    Observations naming another patient than ``patient_id`` (default: the Patient resource's id)
+    are ignored.
+    """
     patient_ref = reference(patient) if patient and patient.get("id") else None
+    bound_id = patient_id if patient_id is not None else _resource_id(patient)
     current = [
         o
         for o in observations
         if isinstance(o, Mapping)
         and o.get("resourceType", "Observation") == "Observation"
         and usable(o)
-        and of_patient(o, patient_ref)
+        and (bound_id is None or not names_other_patient(o, bound_id))
     ]
     metadata: dict[str, float | None] = {}
     sources: dict[str, str] = {}
@@ -272,21 +294,75 @@ def _derive_bmi(metadata: dict[str, float | None], sources: dict[str, str], mapp
         sources["bmi"] = f"computed from {sources['weight']} and {sources['height']}"
 
 
+def _resource_id(resource: Mapping[str, Any] | None) -> str | None:
+    """A resource's ``id`` when it is a non-empty string."""
+    rid = resource.get("id") if isinstance(resource, Mapping) else None
+    return rid if isinstance(rid, str) and rid else None
+
+
+def bind_to_patient(data: PatientData, patient_id: str) -> PatientData:
+    """A copy of ``data`` holding only what belongs to ``patient_id`` (module docstring, "Patient binding").
+
+    The copy's ``patient_id`` is ``patient_id``; binding it again changes nothing.
+    """
+    ignored: Counter[str] = Counter()
+    patient = data.patient
+    if patient is not None:
+        pid = patient.get("id") if isinstance(patient, Mapping) else None
+        kind = patient.get("resourceType", "Patient") if isinstance(patient, Mapping) else None
+        if kind != "Patient" or (pid is not None and pid != patient_id):
+            ignored["Patient"] += 1
+            patient = None
+
+    def keep(resources: Iterable[Any]) -> list[dict[str, Any]]:
+        kept: list[dict[str, Any]] = []
+        for resource in resources:
+            if isinstance(resource, dict) and not names_other_patient(resource, patient_id):
+                kept.append(resource)
+            else:
+                ignored[
+                    str(resource.get("resourceType", "?"))[:40] if isinstance(resource, Mapping) else "?"
+                ] += 1
+        return kept
+
+    bound = replace(
+        data,
+        patient=patient,
+        observations=keep(data.observations),
+        ecgs=keep(data.ecgs),
+        lab_results=keep(data.lab_results),
+        service_requests=keep(data.service_requests),
+        patient_id=patient_id,
+    )
+    if ignored:
+        log.warning(
+            "ignored %d resource(s) that name another patient than the hook context (%s)",
+            sum(ignored.values()),
+            ", ".join(f"{count} {kind}" for kind, count in sorted(ignored.items())),
+        )
+    return bound
+
+
 def extract_model_inputs(
     data: PatientData,
     *,
     mappings: Any = None,
     now: datetime | None = None,
     binary_loader: Callable[[str], bytes] | None = None,
+    decoder: Decoder | None = None,
+    deadline: float | None = None,
 ) -> ModelInputs:
     """Choose the ECG and extract the metadata at its time, all by the rules of the module docstring.
 
     Args:
-        data: the patient's resources (prefetched or fetched).
+        data: the patient's resources (prefetched or fetched); bound to ``data.patient_id`` first
+            when it is set.
         mappings: loaded ``fhir_mappings`` (default: :func:`fhir_mappings.load_mappings`).
         now: the reference time for the ECG maximum age (default: the current UTC time).
         binary_loader: fetches attachment URLs (``FhirClient.binary_loader``); without it an
             attachment given only by URL is rejected (``attachment_unavailable``).
+        decoder: the service's ECG decoder (worker processes); ``None`` decodes in this process.
+        deadline: :func:`time.monotonic` instant at which ECG decoding is abandoned.
 
     Raises:
         NoEcgError: no ECG recent enough.
@@ -297,7 +373,19 @@ def extract_model_inputs(
 
         mappings = load_mappings()
     when = now or datetime.now(UTC)
-    patient_ref = reference(data.patient) if data.patient and data.patient.get("id") else None
-    ecg = select_ecg(data.ecgs, mappings.ecg, now=when, patient_ref=patient_ref, binary_loader=binary_loader)
-    metadata, sources = extract_metadata(data.patient, data.observations, mappings, ecg.recorded_at)
+    if data.patient_id is not None:
+        data = bind_to_patient(data, data.patient_id)
+    patient_id = data.patient_id if data.patient_id is not None else _resource_id(data.patient)
+    ecg = select_ecg(
+        data.ecgs,
+        mappings.ecg,
+        now=when,
+        patient_id=patient_id,
+        binary_loader=binary_loader,
+        decoder=decoder,
+        deadline=deadline,
+    )
+    metadata, sources = extract_metadata(
+        data.patient, data.observations, mappings, ecg.recorded_at, patient_id=patient_id
+    )
     return ModelInputs(ecg=ecg, metadata=metadata, sources=sources)

@@ -11,9 +11,16 @@ Rules the client enforces, whatever the server does:
 * **Time.** One timeout for connect, read, write and pool wait (``timeout``), further cut to what
   is left of the caller's ``deadline`` (a :func:`time.monotonic` value). The client is
   thread-safe: :mod:`cds_service.fetch` runs one hook's queries on it concurrently.
-* **Origin.** Redirects are never followed (``follow_redirects=False``; a 3xx is an error), and
-  ``Bundle.link[next]`` and attachment URLs are followed only on the server's own origin
-  (scheme, host and port): a token is never sent elsewhere. Paging stops after ``max_pages``.
+* **Scope.** The token goes only to URLs under the ``fhirServer`` base (:meth:`FhirClient.scoped`):
+  same scheme, host and port, and a path equal to the base path or below it once literal dot
+  segments are resolved (RFC 3986 §5.2.4). A URL with percent-encoded dot segments (``%2e%2e``),
+  an encoded ``/`` or ``\\`` (``%2f``, ``%5c``), a backslash, or user info is refused, since a
+  server may decode those into a path outside the base. ``Bundle.link[next]`` (fetched or
+  prefetched), attachment URLs and ``Binary`` references outside the base are not fetched.
+  Redirects are never followed (``follow_redirects=False``; a 3xx is an error).
+* **Paging.** A search follows ``next`` links up to ``max_pages`` pages in all;
+  :meth:`FhirClient.next_pages` continues a prefetched Bundle the same way (the prefetched page
+  counts as the first). Every page is bounded by the caller's ``deadline``.
 * **Queries are the caller's.** The client runs the reads and searches it is given; the one set
   of queries (portable parameters only: ``subject=Patient/X``, ``code=system|code,…`` lists,
   ``date=ge…``, ``_sort``, ``_count``) is :mod:`cds_service.prefetch`.
@@ -33,7 +40,8 @@ Errors (httpx style, each carries ``status`` and ``response`` when there was one
     ├── FhirConnectionError    cannot connect (refused, DNS, TLS)
     └── FhirTooLarge           an attachment exceeds the byte limit (``reason`` attachment_too_large)
 
-Other refusals (a redirect, an off-origin URL, another 4xx) raise plain :class:`FhirError`.
+Other refusals (a redirect, an attachment URL outside the base, another 4xx) raise plain
+:class:`FhirError`.
 """
 
 from __future__ import annotations
@@ -44,9 +52,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import unquote
 
 import httpx
 
@@ -154,15 +163,13 @@ class FhirClient:
         transport: httpx.BaseTransport | None = None,
         max_workers: int = 8,
     ) -> None:
-        base = httpx.URL(base_url.rstrip("/"))
-        if base.scheme not in _DEFAULT_PORTS or not base.host:
-            raise InputError(f"FHIR base URL {base_url!r} must be an absolute http(s) URL")
+        base = _normalised_base(base_url)
         if max_pages < 1:
             raise InputError(f"max_pages must be at least 1, got {max_pages}")
         self.base_url = str(base)
         self.timeout = float(timeout)
         self.max_pages = int(max_pages)
-        self._origin = _origin(base)
+        self._base = base
         headers = {"Accept": FHIR_JSON}
         if access_token:
             headers["Authorization"] = f"Bearer {access_token}"
@@ -215,34 +222,34 @@ class FhirClient:
 
         Only entries with ``search.mode`` ``match`` (or none) of the asked type are returned
         (included resources and OperationOutcome warnings are dropped; duplicates across pages
-        too). ``Bundle.link[next]`` is followed while it stays on the server's origin, up to
+        too). ``Bundle.link[next]`` is followed while it stays under the base, up to
         ``max_pages`` pages in all.
         """
         _check_type(resource_type)
-        what = f"search {resource_type}"
-        url: str | None = f"{self.base_url}/{resource_type}"
-        query: list[tuple[str, str]] | None = list(params)
-        found: dict[str, dict[str, Any]] = {}
-        pages = 0
-        while url is not None and pages < self.max_pages:
-            response = self._get(url, query, what, deadline)
-            bundle = _resource(response, "Bundle", what)
-            pages += 1
-            for entry in bundle.get("entry") or []:
-                resource = entry.get("resource") if isinstance(entry, dict) else None
-                mode = (entry.get("search") or {}).get("mode", "match") if isinstance(entry, dict) else None
-                if (
-                    mode != "match"
-                    or not isinstance(resource, dict)
-                    or resource.get("resourceType") != resource_type
-                ):
-                    continue
-                key = str(resource.get("id") or f"#{len(found)}")
-                found.setdefault(key, resource)
-            url, query = self._next_page(bundle, response, what), None
-        if url is not None:
-            log.debug("FHIR %s: stopped after %d pages", what, pages)
-        return list(found.values())
+        return self._pages(
+            resource_type, f"{self.base_url}/{resource_type}", list(params), self.max_pages, deadline
+        )
+
+    def next_pages(
+        self, resource_type: str, next_url: str, *, pages: int, deadline: float | None = None
+    ) -> list[dict[str, Any]]:
+        """The matching resources of at most ``pages`` pages from a Bundle's ``next`` link on.
+
+        For a prefetched searchset Bundle that the EHR cut after its first page: the link is
+        fetched only when it lies under the base (:meth:`scoped`; otherwise nothing is sent, the
+        refusal is logged and the answer is empty), then paging continues as in :meth:`search`.
+        """
+        _check_type(resource_type)
+        if pages < 1:
+            return []
+        target = self.scoped(next_url)
+        if target is None:
+            log.warning(
+                "FHIR search %s: the prefetched next-page link is outside the FHIR server's base; not followed",
+                resource_type,
+            )
+            return []
+        return self._pages(resource_type, str(target), None, pages, deadline)
 
     def get_binary(self, url: str, max_bytes: int, *, deadline: float | None = None) -> bytes:
         """Fetch an attachment (``Binary/123`` or an absolute URL on this server) as raw bytes.
@@ -256,9 +263,10 @@ class FhirClient:
             FhirError: off-origin URL, HTTP error, malformed ``Binary``.
         """
         what = "read Binary"
-        target = self._same_origin_url(url)
-        if target is None:
-            raise FhirError(f"{what}: attachment URL is not on the FHIR server's origin; not fetched")
+        scoped = self.scoped(url)
+        if scoped is None:
+            raise FhirError(f"{what}: attachment URL is outside the FHIR server's base; not fetched")
+        target = str(scoped)
         timeout = self._timeout(deadline, what)
         started = time.perf_counter()
         try:
@@ -350,28 +358,121 @@ class FhirClient:
         _raise_for_status(response, what)
         return response
 
-    def _same_origin_url(self, url: str) -> str | None:
-        """``url`` made absolute against the base; ``None`` when it leaves the server's origin."""
+    def scoped(self, url: str) -> httpx.URL | None:
+        """``url`` (absolute, or relative to the base) resolved, when it lies under the base; else ``None``.
+
+        This is the one test every URL passes before a request carries the token (module
+        docstring, "Scope"): same scheme, host and port as the base; no user info; no backslash,
+        encoded ``/``/``\\`` or encoded dot segment in the path; and the path, with literal dot
+        segments resolved, equal to the base path or below it. A relative reference resolves
+        below the base (``Binary/1`` → ``[base]/Binary/1``); ``../x`` or ``/x`` leaves it.
+        """
         try:
             target = httpx.URL(self.base_url + "/").join(url)
-        except (httpx.InvalidURL, ValueError):
+        except (httpx.InvalidURL, ValueError, TypeError):
             return None
-        return str(target) if _origin(target) == self._origin else None
+        if _origin(target) != _origin(self._base) or target.userinfo:
+            return None
+        path = _checked_path(target)
+        base_path = self._base.path.rstrip("/")
+        if path is None or not (path == base_path or path.startswith(base_path + "/")):
+            return None
+        return target
+
+    def _pages(
+        self,
+        resource_type: str,
+        url: str,
+        query: list[tuple[str, str]] | None,
+        max_pages: int,
+        deadline: float | None,
+    ) -> list[dict[str, Any]]:
+        """Matching entries of up to ``max_pages`` searchset pages from ``url`` on (deduplicated by id)."""
+        what = f"search {resource_type}"
+        next_url: str | None = url
+        found: dict[str, dict[str, Any]] = {}
+        pages = 0
+        while next_url is not None and pages < max_pages:
+            response = self._get(next_url, query, what, deadline)
+            bundle = _resource(response, "Bundle", what)
+            pages += 1
+            for entry in bundle.get("entry") or []:
+                resource = entry.get("resource") if isinstance(entry, dict) else None
+                mode = (entry.get("search") or {}).get("mode", "match") if isinstance(entry, dict) else None
+                if (
+                    mode != "match"
+                    or not isinstance(resource, dict)
+                    or resource.get("resourceType") != resource_type
+                ):
+                    continue
+                key = str(resource.get("id") or f"#{len(found)}")
+                found.setdefault(key, resource)
+            next_url, query = self._next_page(bundle, response, what), None
+        if next_url is not None:
+            log.info("FHIR %s: stopped after %d page(s), the page limit", what, pages)
+        return list(found.values())
 
     def _next_page(self, bundle: dict[str, Any], response: httpx.Response, what: str) -> str | None:
-        """The ``next`` link of a searchset when it stays on this server, else ``None``."""
-        for link in bundle.get("link") or []:
-            if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-                target = self._same_origin_url(str(response.url.join(link["url"])))
-                if target is None:
-                    log.warning("FHIR %s: next-page link points to another origin; paging stopped", what)
-                return target
-        return None
+        """The ``next`` link of a searchset when it stays under the base, else ``None`` (logged)."""
+        link = next_link(bundle)
+        if link is None:
+            return None
+        try:
+            absolute = str(response.url.join(link))
+        except (httpx.InvalidURL, ValueError):
+            absolute = ""
+        target = self.scoped(absolute) if absolute else None
+        if target is None:
+            log.warning("FHIR %s: next-page link is outside the FHIR server's base; paging stopped", what)
+            return None
+        return str(target)
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int]:
     """(scheme, host, port) with the scheme's default port filled in."""
     return (url.scheme, url.host.lower(), url.port or _DEFAULT_PORTS.get(url.scheme, 0))
+
+
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
+
+
+def _checked_path(url: httpx.URL) -> str | None:
+    """The decoded path of ``url``, or ``None`` when a server could read it as another path.
+
+    Refused: a backslash, an encoded ``/`` or ``\\``, and any segment that decodes to ``.`` or
+    ``..`` (literal dot segments are already resolved by :meth:`httpx.URL.join`).
+    """
+    raw = url.raw_path.split(b"?", 1)[0].decode("ascii", errors="replace")
+    if "\\" in raw or _ENCODED_SEPARATOR.search(raw):
+        return None
+    if any(unquote(segment) in (".", "..") for segment in raw.split("/")):
+        return None
+    return unquote(raw)
+
+
+def _normalised_base(base_url: str) -> httpx.URL:
+    """The ``fhirServer`` base without a trailing ``/`` (httpx resolves literal dot segments).
+
+    Raises:
+        InputError: not an absolute http(s) URL, or one with user info or a path that
+            :func:`_checked_path` refuses.
+    """
+    try:
+        base = httpx.URL(base_url.strip().rstrip("/"))
+    except (httpx.InvalidURL, ValueError, TypeError):
+        base = httpx.URL("")
+    if base.scheme not in _DEFAULT_PORTS or not base.host or base.userinfo or _checked_path(base) is None:
+        raise InputError(f"FHIR base URL {base_url!r} must be an absolute http(s) URL without dot segments")
+    return base
+
+
+def next_link(bundle: Mapping[str, Any]) -> str | None:
+    """The ``url`` of a Bundle's first ``link`` with ``relation`` ``next``, if it has one."""
+    links = bundle.get("link")
+    for link in links if isinstance(links, list) else []:
+        if isinstance(link, Mapping) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+            return str(link["url"])
+    return None
 
 
 def check_id(value: str, what: str) -> None:

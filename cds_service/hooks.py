@@ -17,7 +17,19 @@ The services and the request contract are in :mod:`cds_service.hook_request`;
 4. **Extract** the model inputs (:func:`cds_service.fetch.model_inputs`, same clock reading). No
    ECG, or none recent enough, or a rejected ECG: 200 with no cards and a log line naming the
    reason; that is an answer ("no advice"), not an error.
-5. **Predict** with the runtime and **build the cards** (:mod:`cds_service.cards`).
+5. **Predict** with the runtime and **build the cards** (:mod:`cds_service.cards`), each linked to
+   the model card and naming the model's SHA-256.
+
+**Controls** (:mod:`cds_service.controls`): one reading per call of the kill-switch file, made
+stricter by ``ECGLAB_MODE`` (``off`` > ``shadow`` > ``live``: the stricter of the two applies).
+``off``: the request is validated, nothing is fetched or predicted, the answer has no cards.
+Disabled targets are dropped before the cards are built, disabled labs' cards after;
+``shadow``: the cards are built and audited but the EHR receives ``{"cards": []}`` (outcome
+``shadow``) and nothing is recorded as issued.
+
+**Audit** (:mod:`cds_service.hook_audit`): every call whose request parsed, whatever its outcome
+(412, no ECG, rejected ECG, budget, error, off included), is handed to the audit trail after the
+answer is computed; the row is written on the audit thread.
 
 Steps 3–5 run on a worker thread bounded by ``ECGLAB_BUDGET_MS``: past the budget the call
 answers ``{"cards": []}`` and logs it. A bug or a model failure is a logged 500 with an
@@ -29,6 +41,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -41,12 +54,15 @@ import httpx
 from sqlalchemy import Engine
 
 from cds_service.auth import Authenticator, Caller
-from cds_service.cards import BuiltCard, CardContext, ModelFacts, build_cards
+from cds_service.cards import CARD_EXTENSION, BuiltCard, CardContext, ModelFacts, build_cards
+from cds_service.controls import Controls, ControlState, Mode
 from cds_service.db import IssuedCard, insert_ignoring_duplicates
 from cds_service.ecg.record import EcgRejected
 from cds_service.features import NoEcgError
 from cds_service.fetch import gather_patient_data, model_inputs
 from cds_service.fhir_client import FhirClient, FhirError, FhirTimeout
+from cds_service.governance import card_link
+from cds_service.hook_audit import AuditTrail, CallFacts, CallTrace
 from cds_service.hook_request import (
     HookError,
     HookRequest,
@@ -67,6 +83,9 @@ if TYPE_CHECKING:
     from cds_service.inference import TargetPrediction
 
 log = logging.getLogger(__name__)
+
+#: How strict each control mode is: the stricter of ``ECGLAB_MODE`` and the controls file wins.
+MODE_RANK = {"live": 0, "shadow": 1, "off": 2}
 
 
 class ModelRuntimeLike(Protocol):
@@ -107,6 +126,7 @@ class HookResult:
     body: dict[str, Any]
     outcome: str
     cards: list[BuiltCard] = field(default_factory=list)
+    trace: CallTrace = field(default_factory=CallTrace)
 
 
 # -- the pipeline -------------------------------------------------------------------------------------
@@ -119,8 +139,9 @@ class PipelineDeps:
     ``executor`` runs the calls within their budget, ``fhir_executor`` their FHIR requests (both
     owned and closed by the app). ``fhir_transport`` is handed to every :class:`FhirClient` (tests
     inject an ``httpx.MockTransport``). ``clock`` is the one "now" of a call, read once: it dates
-    the self-fetched queries' filters, the ECG's maximum age, the feature windows and the
-    recent-result window of the cards.
+    the self-fetched queries' filters, the ECG's maximum age, the feature windows, the
+    recent-result window of the cards and the audit row. ``controls`` is the kill-switch file and
+    ``audit`` the audit trail (both built by the app).
     """
 
     settings: Settings
@@ -131,6 +152,8 @@ class PipelineDeps:
     authenticator: Authenticator
     executor: concurrent.futures.ThreadPoolExecutor
     fhir_executor: concurrent.futures.ThreadPoolExecutor
+    controls: Controls
+    audit: AuditTrail
     fhir_transport: httpx.BaseTransport | None = None
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
@@ -145,9 +168,42 @@ class HookPipeline:
     def handle(self, service: ServiceDef, body: Any, caller: Caller) -> HookResult:
         """Answer one hook call (never raises: every failure becomes a status + OperationOutcome)."""
         started = time.monotonic()
-        deadline = started + self.deps.settings.budget_ms / 1000.0
         try:
             request = parse_hook_request(body, service)
+        except HookError as exc:
+            return self._refused(exc)
+        except Exception:
+            return self._failed()
+        now = self.deps.clock()
+        controls = self.control_state()
+        result = self._answer(service, request, caller, started, now, controls)
+        self._record(service, request, result.cards, issuer=caller.iss)
+        self._audit(service, request, caller, result, started, now, controls)
+        return result
+
+    def control_state(self) -> ControlState:
+        """The kill-switch state for one call: the controls file, made stricter by ``ECGLAB_MODE``."""
+        state = self.deps.controls.current()
+        floor: Mode = "shadow" if self.deps.settings.mode == "shadow" else "live"
+        if MODE_RANK[state.mode] < MODE_RANK[floor]:
+            state = dataclasses.replace(state, mode=floor)
+        return state
+
+    def _answer(
+        self,
+        service: ServiceDef,
+        request: HookRequest,
+        caller: Caller,
+        started: float,
+        now: datetime,
+        controls: ControlState,
+    ) -> HookResult:
+        """The answer to a parsed request: cards, no cards or an error (see the module docstring)."""
+        if not controls.runs_model:
+            log.info("service switched off by the controls (%s); no cards", controls.source)
+            return HookResult(200, {"cards": []}, "off")
+        deadline = started + self.deps.settings.budget_ms / 1000.0
+        try:
             decoded = decode_prefetch(request.prefetch, self.deps.queries)
             for key, note in decoded.notes.items():
                 log.info("prefetch key %s unusable (%s); treated as absent", key, note)
@@ -161,18 +217,15 @@ class HookPipeline:
                 )
             work = contextvars.copy_context()
             future = self.deps.executor.submit(
-                work.run, self._evaluate, service, request, decoded, can_fetch, deadline
+                work.run, self._evaluate, service, request, decoded, can_fetch, deadline, now, controls
             )
             try:
-                result = future.result(timeout=max(deadline - time.monotonic(), 0.0))
+                return future.result(timeout=max(deadline - time.monotonic(), 0.0))
             except concurrent.futures.TimeoutError:
                 future.cancel()
                 raise BudgetExceeded("the hook call exceeded its time budget") from None
         except HookError as exc:
-            log.info("hook call answered %d: %s", exc.status, exc.message)
-            outcome = "precondition_failed" if exc.status == 412 else "bad_request"
-            body_out = operation_outcome(exc.message, code=exc.issue_code, diagnostics=exc.diagnostics)
-            return HookResult(exc.status, body_out, outcome)
+            return self._refused(exc)
         except BudgetExceeded:
             log.warning(
                 "time budget of %d ms exceeded after %.0f ms; answering with no cards",
@@ -181,17 +234,52 @@ class HookPipeline:
             )
             return HookResult(200, {"cards": []}, "budget_exceeded")
         except Exception:
-            if self.deps.settings.fail_quiet:
-                log.exception("hook call failed; ECGLAB_FAIL_QUIET is on, answering with no cards")
-                return HookResult(200, {"cards": []}, "error")
-            log.exception("hook call failed")
-            return HookResult(
-                500,
-                operation_outcome("Internal error; the service log has the details.", code="exception"),
-                "error",
+            return self._failed()
+
+    @staticmethod
+    def _refused(exc: HookError) -> HookResult:
+        """A 400 or 412 answer with the error's OperationOutcome."""
+        log.info("hook call answered %d: %s", exc.status, exc.message)
+        outcome = "precondition_failed" if exc.status == 412 else "bad_request"
+        body_out = operation_outcome(exc.message, code=exc.issue_code, diagnostics=exc.diagnostics)
+        return HookResult(exc.status, body_out, outcome)
+
+    def _failed(self) -> HookResult:
+        """The answer to a bug or a model failure (logged with its trace): 500, or no cards when fail-quiet."""
+        if self.deps.settings.fail_quiet:
+            log.exception("hook call failed; ECGLAB_FAIL_QUIET is on, answering with no cards")
+            return HookResult(200, {"cards": []}, "error")
+        log.exception("hook call failed")
+        return HookResult(
+            500,
+            operation_outcome("Internal error; the service log has the details.", code="exception"),
+            "error",
+        )
+
+    def _audit(
+        self,
+        service: ServiceDef,
+        request: HookRequest,
+        caller: Caller,
+        result: HookResult,
+        started: float,
+        now: datetime,
+        controls: ControlState,
+    ) -> None:
+        """Hand the answered call to the audit trail (written on its own thread)."""
+        self.deps.audit.submit(
+            CallFacts(
+                time=now,
+                service_id=service.id,
+                hook_instance=request.hook_instance,
+                issuer=caller.iss,
+                patient_id=request.patient_id,
+                mode="shadow" if controls.mode == "shadow" else self.deps.settings.mode,
+                outcome=result.outcome,
+                latency_ms=1000.0 * (time.monotonic() - started),
+                trace=result.trace,
             )
-        self._record(service, request, result.cards)
-        return result
+        )
 
     def _may_fetch(self, request: HookRequest, caller: Caller, *, needed: bool) -> bool:
         """Whether the FHIR server may be queried for this request (logged when it may not)."""
@@ -217,9 +305,10 @@ class HookPipeline:
         decoded: DecodedPrefetch,
         can_fetch: bool,
         deadline: float,
+        now: datetime,
+        controls: ControlState,
     ) -> HookResult:
         """Steps 3-5 on a worker thread: fetch what is missing, extract inputs, predict, build cards."""
-        now = self.deps.clock()
         client = self._client(request, deadline) if can_fetch else None
         try:
             data = self._gather(request, decoded, client, now, deadline)
@@ -229,10 +318,11 @@ class HookPipeline:
                 )
             except NoEcgError as exc:
                 log.info("no usable ECG (%s); no cards", exc)
-                return HookResult(200, {"cards": []}, "no_ecg")
+                return HookResult(200, {"cards": []}, "no_ecg", trace=CallTrace(ecgs=data.ecgs))
             except EcgRejected as exc:
                 log.info("ECG rejected (reason=%s); no cards", log_safe(exc.reason))
-                return HookResult(200, {"cards": []}, "ecg_rejected")
+                trace = CallTrace(ecgs=data.ecgs, ecg_reference=exc.reference)
+                return HookResult(200, {"cards": []}, "ecg_rejected", trace=trace)
         finally:
             if client is not None:
                 client.close()
@@ -243,10 +333,8 @@ class HookPipeline:
         INFERENCE_SECONDS.observe(time.perf_counter() - t0)
         runtime = self.deps.runtime
         manifest = getattr(runtime, "manifest", None)
-        model = ModelFacts(
-            name=str(getattr(manifest, "name", "ecglab")),
-            version=str(runtime.version),
-            synthetic=bool(runtime.trained_on_synthetic),
+        model = ModelFacts.from_manifest(
+            manifest, version=str(runtime.version), synthetic=bool(runtime.trained_on_synthetic)
         )
         ctx = CardContext(
             service_id=service.id,
@@ -257,8 +345,8 @@ class HookPipeline:
             draft_orders=request.draft_orders,
             now=now,
         )
-        cards = build_cards(
-            predictions,
+        built = build_cards(
+            controls.filter_predictions(predictions),
             inputs=inputs,
             data=data,
             ctx=ctx,
@@ -266,7 +354,30 @@ class HookPipeline:
             settings=self.deps.settings,
             model=model,
         )
-        return HookResult(200, {"cards": [c.card for c in cards]}, "cards" if cards else "no_cards", cards)
+        cards = controls.filter_cards(built)
+        self._link_model_card(cards)
+        trace = CallTrace(
+            inputs=inputs,
+            ecgs=data.ecgs,
+            predictions=predictions,
+            cards=cards,
+            ecg_reference=inputs.ecg.reference,
+        )
+        returned = controls.response_cards(cards)
+        if not controls.returns_cards:
+            return HookResult(200, {"cards": []}, "shadow", trace=trace)
+        outcome = "cards" if returned else "no_cards"
+        return HookResult(200, {"cards": [c.card for c in returned]}, outcome, returned, trace)
+
+    def _link_model_card(self, cards: list[BuiltCard]) -> None:
+        """Link every card to the model card and name the model's SHA-256 in the card's extension."""
+        link = card_link(self.deps.settings.public_url)
+        sha256 = self.deps.audit.model.sha256
+        for built in cards:
+            built.card.setdefault("links", []).append(dict(link))
+            extension = built.card.setdefault("extension", {}).setdefault(CARD_EXTENSION, {})
+            if sha256:
+                extension["modelSha256"] = sha256
 
     def _client(self, request: HookRequest, deadline: float) -> FhirClient:
         """A FhirClient for the request's fhirServer and token, its timeout capped by the budget left."""
@@ -314,7 +425,9 @@ class HookPipeline:
                 FHIR_SECONDS.observe(time.perf_counter() - t0)
 
     # -- bookkeeping --------------------------------------------------------------------------------
-    def _record(self, service: ServiceDef, request: HookRequest, cards: list[BuiltCard]) -> None:
+    def _record(
+        self, service: ServiceDef, request: HookRequest, cards: list[BuiltCard], *, issuer: str | None = None
+    ) -> None:
         """Count the cards and store them for feedback analysis (a storage failure is logged, not fatal)."""
         for card in cards:
             CARDS.labels(service.id, card.lab_key).inc()
@@ -337,6 +450,7 @@ class HookPipeline:
                 "decision_threshold": float(c.decision_threshold),
                 "model_version": version[:64],
                 "issued_at": issued,
+                "issuer": issuer,
             }
             for c in cards
         ]

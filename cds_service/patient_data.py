@@ -24,6 +24,14 @@ class PatientData:
     ecgs: list[dict[str, Any]] = field(default_factory=list)
     lab_results: list[dict[str, Any]] = field(default_factory=list)
     service_requests: list[dict[str, Any]] = field(default_factory=list)
+    patient_id: str | None = None
+    """The hook's ``context.patientId`` once the data is bound to it (:meth:`bound_to`)."""
+
+    def bound_to(self, patient_id: str) -> PatientData:
+        """A copy holding only this patient's resources (:func:`cds_service.features.bind_to_patient`)."""
+        from cds_service.features import bind_to_patient  # features imports this module
+
+        return bind_to_patient(self, patient_id)
 
 
 def assemble(resources: Mapping[str, list[dict[str, Any]]], queries: Sequence[PrefetchQuery]) -> PatientData:

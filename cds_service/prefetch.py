@@ -28,6 +28,12 @@ only warnings/information                  the other entries are the answer (oft
 Bundle / resource                          the answer; entries of other resource types skipped
 anything else (a string, a number)         malformed: treated as absent
 =========================================  =================================================
+
+A searchset Bundle may be only the first page: its ``link[next]`` is kept
+(:attr:`PrefetchedResources.next_pages`) and :func:`cds_service.fetch.gather_patient_data`
+follows it through the FHIR client when the request allows FHIR access, so an active order or a
+recent result on page 2 counts like one on page 1. Without FHIR access the first page is used and
+the cut is logged.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from cds_service.fhir_client import next_link
 from fhir_mappings import Coding, Mappings
 
 log = logging.getLogger(__name__)
@@ -116,13 +123,31 @@ class PrefetchQuery:
         return params
 
 
+class PrefetchedResources(dict[str, list[dict[str, Any]]]):
+    """Resources per satisfied prefetch key, and the ``next`` link of each Bundle that has more pages.
+
+    A plain dict of key → resources (compares equal to one) that also carries ``next_pages``
+    (key → the Bundle's ``link[next]`` URL, as sent), so that the hook pipeline hands both to
+    :func:`cds_service.fetch.gather_patient_data` as its one ``prefetched`` argument.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.next_pages: dict[str, str] = {}
+
+
 @dataclass
 class DecodedPrefetch:
     """What the prefetch gave, per key: resources for satisfied keys, and the keys still missing."""
 
-    resources: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    resources: PrefetchedResources = field(default_factory=PrefetchedResources)
     missing: list[str] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)  # key -> why it counts as missing (for logs)
+
+    @property
+    def next_pages(self) -> dict[str, str]:
+        """Key → ``next`` link of the prefetched Bundles that are not complete."""
+        return self.resources.next_pages
 
 
 def code_param(codings: Iterable[Coding], *, budget: int) -> str:
@@ -281,8 +306,20 @@ def decode_value(value: Any, query: PrefetchQuery) -> tuple[list[dict[str, Any]]
     return None, f"unexpected resourceType {kind}"
 
 
+def bundle_next_link(value: Any) -> str | None:
+    """The ``link[next]`` URL of a prefetched Bundle, or ``None`` (not a Bundle, or its last page)."""
+    if not isinstance(value, dict) or value.get("resourceType") != "Bundle":
+        return None
+    link = next_link(value)
+    return link if link and link.strip() else None
+
+
 def decode_prefetch(prefetch: Mapping[str, Any] | None, queries: Sequence[PrefetchQuery]) -> DecodedPrefetch:
-    """Sort the request's prefetch into satisfied keys (with their resources) and missing keys."""
+    """Sort the request's prefetch into satisfied keys (with their resources) and missing keys.
+
+    A satisfied search key whose Bundle links a ``next`` page gets that link in
+    :attr:`DecodedPrefetch.next_pages` (the key stays satisfied: its first page is an answer).
+    """
     decoded = DecodedPrefetch()
     given = prefetch or {}
     for query in queries:
@@ -295,4 +332,7 @@ def decode_prefetch(prefetch: Mapping[str, Any] | None, queries: Sequence[Prefet
             decoded.notes[query.key] = problem or "unusable"
         else:
             decoded.resources[query.key] = resources
+            link = None if query.read else bundle_next_link(given[query.key])
+            if link is not None:
+                decoded.resources.next_pages[query.key] = link
     return decoded

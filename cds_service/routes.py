@@ -3,12 +3,20 @@
 Two blueprints, registered by :func:`cds_service.app.create_app`, which read the assembled service
 from ``current_app.extensions["ecglab"]`` (:class:`cds_service.app.ServiceState`):
 
-* :data:`blueprint` — discovery, hook calls, feedback and ``/healthz``, plus the app-wide
+* :data:`blueprint` — discovery, hook calls, feedback, the model card (``GET
+  /cds-services/model-card`` as JSON, ``GET /model-card`` as HTML: no JWT, since the card holds
+  no patient data and a clinician follows the cards' link to it from the EHR; the HTML page is
+  served without CORS headers and with a Content-Security-Policy that allows nothing but its own
+  inline style) and ``/healthz``, plus the app-wide
   request hooks (timer, CORS preflight and headers, request metrics) and error handlers (401,
   Werkzeug HTTP errors, unexpected exceptions), so that every path, ``/demo`` included, answers
   the same way;
 * :data:`metrics_blueprint` — ``GET /metrics``, registered only with ``ECGLAB_METRICS`` on (off,
-  the path does not exist: 404).
+  the path does not exist: 404), followed by the gauges of the newest ``ecglab monitor`` report
+  in ``ECGLAB_MONITOR_DIR`` (``ecglab_local_*``, ``ecglab_input_psi``, …).
+
+The kill switch has no endpoint: it is the ``ECGLAB_CONTROLS`` file, re-read when it changes
+(:mod:`cds_service.controls`); ``/healthz`` reports the mode in force and any controls error.
 
 Every non-2xx answer carries a FHIR OperationOutcome (``application/fhir+json``); a 401 says only
 "unauthorized" (cdshooks.md §8, BP), and a 500 never contains a stack trace.
@@ -26,8 +34,10 @@ from werkzeug.exceptions import HTTPException
 from cds_service.auth import AuthError, Caller
 from cds_service.db import ping
 from cds_service.feedback import FeedbackError, parse_feedback, store_feedback
+from cds_service.governance import MODEL_CARD_JSON_PATH, MODEL_CARD_PATH, gauge_exposition
 from cds_service.hook_request import SERVICES, operation_outcome
 from cds_service.hooks import count_outcome
+from cds_service.model_card_html import render_model_card_html
 from cds_service.observability import (
     FEEDBACK_ITEMS,
     REQUEST_SECONDS,
@@ -111,9 +121,11 @@ def _json_body() -> tuple[Any, str | None]:
 
 
 def _endpoint_kind(path: str) -> str:
-    """The metrics label for a path: discovery, service, feedback, healthz, metrics or other."""
+    """The metrics label for a path: discovery, service, feedback, model_card, healthz, metrics or other."""
     if path == CDS_PREFIX or path == CDS_PREFIX + "/":
         return "discovery"
+    if path in (MODEL_CARD_JSON_PATH, MODEL_CARD_PATH):
+        return "model_card"
     if path.startswith(CDS_PREFIX + "/"):
         return "feedback" if path.endswith("/feedback") else "service"
     if path in ("/healthz", "/metrics"):
@@ -156,8 +168,8 @@ def _start() -> Response | None:
 
 @blueprint.after_app_request
 def _finish(response: Response) -> Response:
-    """Add CORS headers and record request count and latency metrics."""
-    origin = _cors_origin()
+    """Add CORS headers (not to the HTML model card) and record request count and latency metrics."""
+    origin = _cors_origin() if request.path != MODEL_CARD_PATH else None
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
         if origin != "*":
@@ -279,6 +291,7 @@ def healthz() -> Response:
     """``GET /healthz``: 200 when the model is loaded and the database answers, else 503."""
     state = _state()
     runtime = state.runtime
+    controls = state.pipeline.control_state()
     database_ok = ping(state.engine)
     model_ok = runtime is not None
     body = {
@@ -291,7 +304,11 @@ def healthz() -> Response:
         },
         "database": "ok" if database_ok else "unreachable",
         "auth": "on" if state.settings.auth else "off",
+        "mode": controls.mode,
+        "audit": "on" if state.audit.enabled else "off",
     }
+    if controls.error is not None:
+        body["controlsError"] = controls.error
     response = jsonify(body)
     response.status_code = 200 if database_ok and model_ok else 503
     return response
@@ -301,4 +318,35 @@ def healthz() -> Response:
 def metrics() -> Response:
     """``GET /metrics``: the Prometheus exposition (all workers' samples in multiprocess mode)."""
     payload, content_type = render_metrics()
+    payload += gauge_exposition(_state().monitor_report.get())
     return Response(payload, status=200, content_type=content_type)
+
+
+def _model_card_or_404() -> dict[str, Any] | Response:
+    """The current model card, or a 404 OperationOutcome for a runtime without a manifest."""
+    card = _state().model_card.card()
+    if card is None:
+        return _outcome_response(404, "No model card: the model runtime has no manifest", code="not-found")
+    return card
+
+
+@blueprint.get(MODEL_CARD_JSON_PATH)
+def model_card_json() -> Response:
+    """``GET /cds-services/model-card``: the model card as JSON (HTI-1 source attributes, CHAI fields)."""
+    card = _model_card_or_404()
+    if isinstance(card, Response):
+        return card
+    return jsonify(card)
+
+
+@blueprint.get(MODEL_CARD_PATH)
+def model_card_html() -> Response:
+    """``GET /model-card``: the model card as a self-contained HTML page."""
+    card = _model_card_or_404()
+    if isinstance(card, Response):
+        return card
+    page = render_model_card_html(card, json_url=_state().model_card.json_url)
+    response = Response(page, status=200, mimetype="text/html")
+    response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response

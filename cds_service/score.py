@@ -3,7 +3,8 @@
 This is how a model team validates an exported model on another site's data: preprocess that
 site's MIMIC-format tables with ``ecglab preprocess``, then score them through exactly the runtime
 the service uses (ONNX Runtime, manifest-driven encoding), not through PyTorch. The output has
-``study_id`` plus one probability column per target, named exactly as in ``labels.parquet``, so
+``study_id`` plus one probability column per target (calibrated by the manifest's maps, as the
+service reports it), named exactly as in ``labels.parquet``, so
 the two files join on ``study_id`` for any metric.
 
 With ``--fhir-url`` and ``--patient`` it scores patients on a FHIR server through the data path
@@ -104,11 +105,10 @@ def _score_dataset(runtime: object, data: Path, out: Path, batch_size: int) -> i
     parts = []
     for start in range(0, len(records), chunk):
         stop = min(start + chunk, len(records))
-        parts.append(
-            runtime.predict_prepared(
-                np.asarray(ecg[start:stop]), cat[start:stop], cont[start:stop], batch_size=batch_size
-            )
+        raw = runtime.predict_prepared(
+            np.asarray(ecg[start:stop]), cat[start:stop], cont[start:stop], batch_size=batch_size
         )
+        parts.append(runtime.calibrate(raw).astype(np.float32))  # the manifest's calibration, as cards show
     probs = np.concatenate(parts) if parts else np.zeros((0, len(runtime.labels)), dtype=np.float32)
     seconds = time.perf_counter() - started
     frame = pd.DataFrame(probs, columns=runtime.labels)

@@ -69,6 +69,14 @@ def _parse_nonempty(raw: str, name: str) -> str:
     return value
 
 
+def _parse_choice(raw: str, name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (case-insensitive)."""
+    value = raw.strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {raw!r}")
+    return value
+
+
 def _parse_bool(raw: str, name: str) -> bool:
     """on/off (also 1/0, true/false, yes/no)."""
     value = raw.strip().lower()
@@ -244,7 +252,7 @@ class Settings:
         metadata=_meta(
             "ECGLAB_PUBLIC_URL",
             _parse_http_url,
-            "externally visible base URL (before /cds-services); JWT 'aud' must name it or the endpoint URL",
+            "externally visible base URL (before /cds-services); JWT 'aud' must be it + the endpoint path",
         ),
     )
     auth: bool = field(
@@ -291,6 +299,24 @@ class Settings:
             "ONNX Runtime providers in order (empty = CUDA if usable, then CPU)",
         ),
     )
+    model_variant: str = field(
+        default="auto",
+        metadata=_meta(
+            "ECGLAB_MODEL_VARIANT",
+            lambda raw, name: _parse_choice(raw, name, ("auto", "fp32", "int8")),
+            "model graph to serve: fp32, int8 (from 'ecglab quantize') or auto = the fastest variant "
+            "within its accuracy bounds on the CPU provider, else fp32",
+        ),
+    )
+    batch_max_wait_ms: int = field(
+        default=5,
+        metadata=_meta(
+            "ECGLAB_BATCH_MAX_WAIT_MS",
+            _int_parser(0, 100),
+            "batch concurrent calls of a worker into one model call, waiting at most this long "
+            "(only under concurrency; 0 = off)",
+        ),
+    )
     database_url: str = field(
         default="sqlite:///ecglab-service.sqlite3",
         metadata=_meta(
@@ -311,6 +337,14 @@ class Settings:
             "ECGLAB_FHIR_TIMEOUT_MS",
             _int_parser(10, 60_000),
             "timeout of one FHIR request (capped by the budget)",
+        ),
+    )
+    ecg_decode_processes: int = field(
+        default=2,
+        metadata=_meta(
+            "ECGLAB_ECG_DECODE_PROCESSES",
+            _int_parser(0, 32),
+            "worker processes per server process that decode ECG files, abandoned at the budget (0: decode in-process)",
         ),
     )
     host: str = field(
@@ -348,7 +382,7 @@ class Settings:
         metadata=_meta(
             "ECGLAB_MIN_AUROC",
             _float_parser(0.0, 1.0),
-            "a target gives cards only if its test AUROC's 95% CI lower bound (manifest) exceeds this; 0 = all",
+            "a target gives cards only if its validation-fold AUROC's 95% CI lower bound (manifest) exceeds this; 0 = all",
         ),
     )
     recent_result_min: int = field(
@@ -411,6 +445,61 @@ class Settings:
             "ECGLAB_RECORD_CARDS",
             _parse_bool,
             "store each issued card (uuid, lab, probability) for feedback analysis",
+        ),
+    )
+    mode: str = field(
+        default="live",
+        metadata=_meta(
+            "ECGLAB_MODE",
+            lambda raw, name: _parse_choice(raw, name, ("live", "shadow")),
+            "live: cards reach the EHR; shadow: the model runs and is audited, the EHR gets no cards "
+            "(the stricter of this and the ECGLAB_CONTROLS mode applies)",
+        ),
+    )
+    controls: Path | None = field(
+        default=None,
+        metadata=_meta(
+            "ECGLAB_CONTROLS",
+            _parse_optional_path,
+            "kill-switch YAML (mode live|shadow|off, disabled_labs, disabled_targets), re-read when it changes",
+        ),
+    )
+    audit: bool = field(
+        default=True,
+        metadata=_meta("ECGLAB_AUDIT", _parse_bool, "write one audit row per hook call (table hook_audit)"),
+    )
+    audit_key: str = field(
+        default="",
+        repr=False,
+        metadata=_meta(
+            "ECGLAB_AUDIT_KEY",
+            _parse_str,
+            "secret (32+ bytes) keying the audit's patient hash; required with auth and audit on "
+            "(auth off: a random key per process, with a warning)",
+        ),
+    )
+    audit_retention_days: int = field(
+        default=0,
+        metadata=_meta(
+            "ECGLAB_AUDIT_RETENTION_DAYS",
+            _int_parser(0, 36_500),
+            "delete audit rows older than this many days, at start-up and daily (0 = keep all)",
+        ),
+    )
+    site_info: Path | None = field(
+        default=None,
+        metadata=_meta(
+            "ECGLAB_SITE_INFO",
+            _parse_optional_path,
+            "site YAML of the model card: contact, local validation, update schedule (empty = none stated)",
+        ),
+    )
+    monitor_dir: Path | None = field(
+        default=None,
+        metadata=_meta(
+            "ECGLAB_MONITOR_DIR",
+            _parse_optional_path,
+            "folder of 'ecglab monitor' runs: the newest report feeds the model card and /metrics gauges",
         ),
     )
     cors_origins: tuple[str, ...] = field(

@@ -76,18 +76,32 @@ class Calibration(BaseModel):
             "isotonic": {"x", "y"},
         }[self.method]
         if set(self.params) != expected:
-            raise ValueError(f"{self.method} calibration needs params {sorted(expected)}, got {sorted(self.params)}")
+            raise ValueError(
+                f"{self.method} calibration needs params {sorted(expected)}, got {sorted(self.params)}"
+            )
         if self.method == "isotonic":
             self._check_breakpoints()
             return self
-        values = {k: v for k, v in self.params.items()}
-        if any(not isinstance(v, float | int) or not math.isfinite(float(v)) for v in values.values()):
-            raise ValueError(f"{self.method} calibration params must be finite numbers")
-        if self.method == "temperature" and not float(values["temperature"]) > 0.0:  # type: ignore[arg-type]
+        for key in expected:
+            value = self.params[key]
+            if isinstance(value, list) or not math.isfinite(float(value)):
+                raise ValueError(f"{self.method} calibration param {key!r} must be a finite number")
+        if self.method == "temperature" and not self.number("temperature") > 0.0:
             raise ValueError("temperature must be > 0")
-        if self.method == "platt" and float(values["a"]) < 0.0:  # type: ignore[arg-type]
+        if self.method == "platt" and self.number("a") < 0.0:
             raise ValueError("platt slope 'a' must be >= 0 (a calibration never reverses the ranking)")
         return self
+
+    def number(self, key: str) -> float:
+        """A scalar parameter (``temperature``, ``a``, ``b``) as a float."""
+        value = self.params[key]
+        if isinstance(value, list):
+            raise TypeError(f"calibration param {key!r} is a list, not a number")
+        return float(value)
+
+    def breakpoints(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """The isotonic breakpoints ``(x, y)`` as float64 arrays."""
+        return np.asarray(self.params["x"], dtype=np.float64), np.asarray(self.params["y"], dtype=np.float64)
 
     def _check_breakpoints(self) -> None:
         x, y = self.params["x"], self.params["y"]
@@ -107,7 +121,7 @@ class Calibration(BaseModel):
         if self.method == "identity":
             return raw.copy()
         if self.method == "isotonic":
-            return np.interp(raw, np.asarray(self.params["x"]), np.asarray(self.params["y"]))
+            return np.interp(raw, *self.breakpoints())
         a, b = _slope_intercept(self)
         return sigmoid(a * logit(raw) + b)
 
@@ -115,8 +129,8 @@ class Calibration(BaseModel):
 def _slope_intercept(calibration: Calibration) -> tuple[float, float]:
     """(a, b) of a logistic calibration: ``temperature`` is a = 1/T, b = 0."""
     if calibration.method == "temperature":
-        return 1.0 / float(calibration.params["temperature"]), 0.0  # type: ignore[arg-type]
-    return float(calibration.params["a"]), float(calibration.params["b"])  # type: ignore[arg-type]
+        return 1.0 / calibration.number("temperature"), 0.0
+    return calibration.number("a"), calibration.number("b")
 
 
 class Calibrator:
@@ -131,14 +145,15 @@ class Calibrator:
     def __init__(self, calibrations: Sequence[Calibration | None]) -> None:
         self.n_columns = len(calibrations)
         logistic = [
-            j for j, c in enumerate(calibrations) if c is not None and c.method in ("temperature", "platt")
+            (j, _slope_intercept(c))
+            for j, c in enumerate(calibrations)
+            if c is not None and c.method in ("temperature", "platt")
         ]
-        self._logistic = np.asarray(logistic, dtype=np.int64)
-        pairs = [_slope_intercept(calibrations[j]) for j in logistic]  # type: ignore[arg-type]
-        self._a = np.asarray([a for a, _ in pairs], dtype=np.float64)
-        self._b = np.asarray([b for _, b in pairs], dtype=np.float64)
+        self._logistic = np.asarray([j for j, _ in logistic], dtype=np.int64)
+        self._a = np.asarray([a for _, (a, _) in logistic], dtype=np.float64)
+        self._b = np.asarray([b for _, (_, b) in logistic], dtype=np.float64)
         self._isotonic = [
-            (j, np.asarray(c.params["x"], dtype=np.float64), np.asarray(c.params["y"], dtype=np.float64))
+            (j, *c.breakpoints())
             for j, c in enumerate(calibrations)
             if c is not None and c.method == "isotonic"
         ]

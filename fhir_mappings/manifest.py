@@ -4,8 +4,15 @@ An exported model is two files side by side, ``ecglab-<version>.onnx`` and
 ``ecglab-<version>.manifest.json``. The manifest says everything the runtime must know to feed the
 network and to read its output, so that the service never unpickles anything and never imports
 torch: tensor names and shapes, the ECG's sampling rate, window and lead order, the metadata
-encoding with the training-fold imputation medians, the label list with thresholds, the evaluation
-summary and where the training data came from.
+encoding with the training-fold imputation medians, the label list with thresholds and
+calibration, the evaluation summary and where the training data came from.
+
+Which fold each number came from is part of the contract (issue 15: no test fold in any choice):
+decision thresholds (``threshold_fold``), calibrations (``calibration.fold``) and the card gate's
+AUROC CI (``auroc_val*``) come from the validation fold; ``auroc``/``ci_low``/``ci_high`` are the
+test fold's (``auroc_fold``), reported as the honest estimate and never used to choose anything.
+Every field added for this is optional, so manifests written before it keep loading (a label
+without ``calibration`` serves its raw probability).
 
 It is validated with pydantic (``extra="forbid"``): a manifest written by another version of the
 exporter, or edited by hand, fails loudly with the field that is wrong rather than producing
@@ -21,11 +28,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fhir_mappings.calibration import Calibration
 from fhir_mappings.errors import ConfigError
 from fhir_mappings.tasks import TASK_HORIZON_MIN
 
 MANIFEST_FORMAT = 1
 MANIFEST_SUFFIX = ".manifest.json"
+
+#: Named rules that choose a decision threshold on the validation fold: ``youden`` (max
+#: sensitivity + specificity − 1), ``sensitivity=X`` (the highest threshold reaching sensitivity X),
+#: ``ppv=X`` (the lowest threshold reaching PPV X), ``f1`` (max F1); see ``model_training.thresholds``.
+THRESHOLD_RULE_PATTERN = r"^(youden|f1|(sensitivity|ppv)=(0(\.\d+)?|1(\.0+)?))$"
 
 
 class ManifestError(ConfigError):
@@ -115,6 +128,16 @@ class LabelSpec(_Strict):
     ci_high: float | None = None
     n_pos: int | None = None
     n_neg: int | None = None
+    #: Fold of ``auroc``/``ci_low``/``ci_high``/``n_pos``/``n_neg`` (``test``; absent in old manifests).
+    auroc_fold: Literal["val", "test"] | None = None
+    #: Validation-fold AUROC with its 95 % CI: what the card gate (``ECGLAB_MIN_AUROC``) compares.
+    auroc_val: float | None = None
+    auroc_val_ci_low: float | None = None
+    auroc_val_ci_high: float | None = None
+    #: Where ``decision_threshold`` was chosen: ``val`` (export), ``local`` (``ecglab recalibrate``).
+    threshold_fold: str | None = None
+    #: Raw network probability → calibrated probability; ``decision_threshold`` applies to the latter.
+    calibration: Calibration | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> LabelSpec:
@@ -181,6 +204,11 @@ class Manifest(_Strict):
     parity: dict[str, float] = {}
     software: dict[str, str] = {}
     variants: dict[str, VariantSpec] = {}
+    #: The rule every label's decision threshold was chosen by (see :data:`THRESHOLD_RULE_PATTERN`).
+    threshold_rule: str | None = Field(default=None, pattern=THRESHOLD_RULE_PATTERN)
+    #: How a lab value was labelled abnormal in training: ``strict`` (< lower / > upper, the reference
+    #: code) or ``inclusive`` (≤ / ≥, the paper's text); ``None`` in manifests written before it was recorded.
+    abnormal_rule: Literal["strict", "inclusive"] | None = None
 
     @property
     def trained_on_synthetic(self) -> bool:

@@ -58,6 +58,13 @@ class TrainConfig:
         default=TASKS,
         metadata={"help": "tasks whose targets are trained jointly (est, mon30, mon60, mon120)"},
     )
+    use_missing_indicators: bool = field(
+        default=True,
+        metadata={
+            "help": "feed a missingness flag per metadata feature to the model; false = the published "
+            "model exactly (the reference code builds the flags but never feeds them)"
+        },
+    )
     eval_batch_size: int = field(default=128, metadata={"help": "records per batch during validation"})
     num_workers: int = field(
         default=0, metadata={"help": "DataLoader worker processes (0 = load in the main process)"}
@@ -102,7 +109,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Settings of ``ecglab evaluate``: bootstrap, threshold rule, calibration bins, checkpoint."""
+    """Settings of ``ecglab evaluate``: bootstrap, calibration, threshold rule, ECE bins, checkpoint."""
 
     checkpoint: Literal["best", "last"] = field(
         default="best", metadata={"help": "which checkpoint of the run"}
@@ -111,9 +118,23 @@ class EvalConfig:
     confidence: float = field(default=0.95, metadata={"help": "confidence level of the CIs"})
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap resampling"})
     threshold_rule: str = field(
-        default="youden", metadata={"help": "decision threshold rule on the val fold: youden, f1 or sens:X"}
+        default="youden",
+        metadata={
+            "help": "decision threshold rule on the calibrated val fold: youden, sensitivity=X, ppv=X or f1"
+        },
     )
     ece_bins: int = field(default=10, metadata={"help": "equal-width bins of the calibration error"})
+    calibration: Literal["auto", "identity", "temperature", "platt", "isotonic"] = field(
+        default="auto",
+        metadata={
+            "help": "per-target calibration fitted on the val fold: auto = the lowest cross-validated "
+            "log-loss of temperature, platt and isotonic"
+        },
+    )
+    isotonic_min_class: int = field(
+        default=30,
+        metadata={"help": "positives and negatives a target needs in the val fold before isotonic is tried"},
+    )
     headline_auroc: float = field(
         default=0.70, metadata={"help": "AUROC criterion of the paper's headline counts"}
     )
@@ -122,14 +143,14 @@ class EvalConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for out-of-range values."""
-        from model_training.metrics import validate_threshold_rule
+        from model_training.thresholds import validate_threshold_rule
 
         if self.bootstrap < 0:
             raise ConfigError(f"config key 'bootstrap' must be >= 0, got {self.bootstrap}")
         if not 0.0 < self.confidence < 1.0:
             raise ConfigError(f"config key 'confidence' must be in (0, 1), got {self.confidence}")
-        if self.ece_bins < 1 or self.batch_size < 1:
-            raise ConfigError("config keys 'ece_bins' and 'batch_size' must be >= 1")
+        if self.ece_bins < 1 or self.batch_size < 1 or self.isotonic_min_class < 1:
+            raise ConfigError("config keys 'ece_bins', 'batch_size' and 'isotonic_min_class' must be >= 1")
         try:
             validate_threshold_rule(self.threshold_rule)
         except ValueError as exc:

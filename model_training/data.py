@@ -223,8 +223,13 @@ def open_dataset(
 # --------------------------------------------------------------------------------------------
 # Metadata: training-fold medians + indicators
 # --------------------------------------------------------------------------------------------
-def fit_metadata_spec(metadata: pd.DataFrame, train_rows: NDArray[np.int64]) -> MetadataSpec:
+def fit_metadata_spec(
+    metadata: pd.DataFrame, train_rows: NDArray[np.int64], *, missing_indicators: bool = True
+) -> MetadataSpec:
     """Medians of every feature over the training rows only (method.md §2.3).
+
+    ``missing_indicators=False`` (train config ``use_missing_indicators``) leaves out the
+    ``{key}_missing`` inputs, as the published model does (it builds them but never feeds them).
 
     Categorical medians are rounded to a valid code (race: median of the index, rounded). A
     feature never observed in the training folds gets median 0.0 and a warning, so that
@@ -246,7 +251,7 @@ def fit_metadata_spec(metadata: pd.DataFrame, train_rows: NDArray[np.int64]) -> 
     return MetadataSpec(
         categorical=[CategoricalFeature(key=k, categories=list(v)) for k, v in CATEGORICAL.items()],
         continuous=list(CONTINUOUS),
-        missing_indicators=list(MISSING_INDICATORS),
+        missing_indicators=list(MISSING_INDICATORS) if missing_indicators else [],
         medians=medians,
     )
 

@@ -3,26 +3,39 @@
 Usage::
 
     ecglab evaluate --run RUN                                   # best checkpoint, 1000 bootstraps
-    ecglab evaluate --run RUN --data DATASET --checkpoint last --bootstrap 200 --threshold-rule sens:0.8
+    ecglab evaluate --run RUN --data DATASET --checkpoint last --bootstrap 200 --threshold-rule ppv=0.3
+
+Beyond the paper, and chosen on the **validation fold only** (issue 15: the test fold never
+chooses anything):
+
+1. a calibration map per target (:mod:`model_training.calibration`: temperature, Platt or
+   isotonic by cross-validated log-loss, ``--calibration`` to fix one) fitted on the validation
+   fold's raw window-averaged probabilities; every figure below uses the **calibrated**
+   probabilities, as the exported model serves them;
+2. a decision threshold per target on the calibrated validation probabilities by the named rule
+   (``--threshold-rule``: ``youden`` by default, ``sensitivity=X``, ``ppv=X`` or ``f1``;
+   :mod:`model_training.thresholds`); the service flags a target when its probability reaches it.
 
 For the validation fold (18) and the test fold (19) (method.md §3.5, §3.6):
 
 * per-target AUROC on the non-missing labels with a 95 % empirical bootstrap CI (1000 resamples
   of whole ECGs; ``CI = point + percentile(boot - point, [2.5, 97.5])``), the positive and
-  negative counts, and the expected calibration error;
+  negative counts, ECE and Brier score before (``*_raw``) and after calibration, and the
+  threshold's sensitivity, specificity and PPV;
 * macro AUROC (undefined AUROC counted as 0.5) with CI per task (est, mon30, mon60, mon120), over
-  all targets, and per organ-system category (from ``fhir_mappings``); micro AUROC;
+  all targets, and per organ-system category (from ``fhir_mappings``); micro AUROC; ECE and Brier
+  before/after per task (``calibration``);
 * the paper's headline criterion per task: how many targets (and distinct labs) have
-  AUROC > 0.70 and a CI lower bound > 0.70.
+  AUROC > 0.70 and a CI lower bound > 0.70;
+* on the test fold, the same per subgroup of sex and age band
+  (:func:`model_training.subgroups.subgroup_metrics`, ``metrics.json["subgroups"]``).
 
-Beyond the paper: a decision threshold per target chosen on the validation fold
-(``youden`` by default, ``f1`` or ``sens:X``) with the sensitivity/specificity it gives on the
-test fold; the service flags a target when its probability reaches this threshold.
-
-Writes to RUN: ``metrics.json``, ``report.md`` + ``figures/*.png``, ``report.html``
-(self-contained), ``predictions_test.parquet`` and ``predictions_val.parquet`` (study_id + one
-probability column per target). Metadata is encoded with the medians stored in the checkpoint,
-never recomputed, exactly as the exported model will see it.
+Writes to RUN: ``metrics.json``, ``report.md`` + ``figures/*.png`` (reliability diagrams after
+calibration), ``report.html`` (self-contained), ``predictions_{test,val}.parquet`` (study_id + one
+calibrated probability column per target) and ``predictions_{test,val}_raw.parquet`` (the raw
+network outputs, from which calibration or thresholds can be re-derived without the model).
+Metadata is encoded with the medians stored in the checkpoint, never recomputed, exactly as the
+exported model will see it.
 """
 
 from __future__ import annotations
@@ -42,8 +55,11 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from fhir_mappings.calibration import Calibrator
 from fhir_mappings.errors import InputError
 from fhir_mappings.manifest import MetadataSpec
+from model_training.calibration import fit_calibrations, summarise_calibration
+from model_training.checkpoint import load_checkpoint
 from model_training.config import EvalConfig, add_config_arguments, overrides_from_args, resolve, to_dict
 from model_training.data import (
     EcgLabWindows,
@@ -53,16 +69,17 @@ from model_training.data import (
     open_dataset,
     parse_target,
 )
+from model_training.distributed import resolve_device
 from model_training.metrics import (
     BootstrapResult,
     bootstrap_auroc,
-    choose_threshold,
+    brier_score,
     expected_calibration_error,
     group_columns,
     roc_auc,
-    sensitivity_specificity,
 )
 from model_training.model import FusionModel
+from model_training.predict import predict
 from model_training.reports import (
     TASK_TITLES,
     paper_comparison,
@@ -72,12 +89,10 @@ from model_training.reports import (
     write_html,
     write_markdown,
 )
-from model_training.train import load_checkpoint, predict, resolve_device
+from model_training.subgroups import age_band, sex_name, subgroup_metrics
+from model_training.thresholds import canonical_rule, choose_thresholds, operating_point
 
 log = logging.getLogger(__name__)
-
-#: Decision threshold used when the validation fold has one class only for a target.
-FALLBACK_THRESHOLD = 0.5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -199,19 +214,25 @@ def split_metrics(
     split: str,
     y: np.ndarray,
     probs: np.ndarray,
+    raw: np.ndarray,
     targets: Sequence[str],
     categories: Mapping[str, str],
     thresholds: Mapping[str, float],
     cfg: EvalConfig,
+    methods: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Any], BootstrapResult]:
-    """All numbers of one split: per target, per task, per category, micro and headline counts."""
+    """All numbers of one split: per target, per task, per category, micro and headline counts.
+
+    ``probs`` are the calibrated probabilities every figure uses; ``raw`` the network's outputs,
+    for the before-calibration ECE and Brier score; ``methods`` names each target's calibration map.
+    """
     result = bootstrap_auroc(y, probs, n_boot=cfg.bootstrap, seed=cfg.seed)
     lows, highs = result.target_ci(cfg.confidence)
     per_target: dict[str, dict[str, Any]] = {}
     for j, target in enumerate(targets):
         name = parse_target(target)
         column = y[:, j]
-        sens, spec = sensitivity_specificity(column, probs[:, j], thresholds[target])
+        point = operating_point(column, probs[:, j], thresholds[target])
         per_target[target] = {
             "auroc": _num(result.point[j]),
             "ci_low": _num(lows[j]),
@@ -223,10 +244,15 @@ def split_metrics(
             "direction": name.direction,
             "category": categories.get(name.label, "other"),
             "split": split,
+            "calibration": (methods or {}).get(target, "identity"),
             "ece": _num(expected_calibration_error(column, probs[:, j], cfg.ece_bins)),
+            "ece_raw": _num(expected_calibration_error(column, raw[:, j], cfg.ece_bins)),
+            "brier": _num(brier_score(column, probs[:, j])),
+            "brier_raw": _num(brier_score(column, raw[:, j])),
             "decision_threshold": float(thresholds[target]),
-            "sensitivity": _num(sens),
-            "specificity": _num(spec),
+            "sensitivity": _num(point.sensitivity),
+            "specificity": _num(point.specificity),
+            "ppv": _num(point.ppv),
         }
     thr = cfg.headline_auroc
 
@@ -256,6 +282,13 @@ def split_metrics(
         "categories": {c: _macro_entry(result, cols, cfg.confidence) for c, cols in sorted(cats.items())},
         "all": {**_macro_entry(result, all_cols, cfg.confidence), **headline(all_cols)},
         "micro": {"auroc": _num(micro), "ci_low": _num(micro_low), "ci_high": _num(micro_high)},
+        "calibration": {
+            **{
+                task: summarise_calibration([per_target[targets[j]] for j in cols])
+                for task, cols in sorted(tasks.items(), key=lambda kv: list(TASK_TITLES).index(kv[0]))
+            },
+            "all": summarise_calibration(list(per_target.values())),
+        },
     }
     return metrics, result
 
@@ -316,31 +349,37 @@ def evaluate(
     for split, split_rows in rows.items():
         if len(split_rows) == 0:
             raise InputError(f"{data_path / 'records.parquet'}: no record in the {split} fold {folds[split]}")
-    probs = {
+    raw = {
         split: _split_predictions(model, dataset, r, cat, cont, window, cfg, device)
         for split, r in rows.items()
     }
     ys = {split: dataset.labels[r] for split, r in rows.items()}
 
-    thresholds: dict[str, float] = {}
-    threshold_source: dict[str, str] = {}
-    for j, target in enumerate(targets):
-        t = choose_threshold(ys["val"][:, j], probs["val"][:, j], cfg.threshold_rule)
-        thresholds[target] = FALLBACK_THRESHOLD if not math.isfinite(t) else min(1.0, max(0.0, t))
-        threshold_source[target] = (
-            cfg.threshold_rule if math.isfinite(t) else "fallback: one class in val fold"
-        )
+    # Calibration and thresholds: the validation fold only.
+    fits = fit_calibrations(
+        ys["val"],
+        raw["val"],
+        targets,
+        method=cfg.calibration,
+        isotonic_min_class=cfg.isotonic_min_class,
+        seed=cfg.seed,
+    )
+    calibrator = Calibrator([fits[t].calibration for t in targets])
+    probs = {split: calibrator(p) for split, p in raw.items()}
+    chosen = choose_thresholds(ys["val"], probs["val"], targets, cfg.threshold_rule)
+    thresholds = {t: threshold for t, (threshold, _) in chosen.items()}
+    methods = {t: fits[t].calibration.method for t in targets}
 
     categories = lab_categories(sorted({parse_target(t).label for t in targets}))
     splits: dict[str, Any] = {}
     results: dict[str, BootstrapResult] = {}
     for split in ("val", "test"):
         splits[split], results[split] = split_metrics(
-            split, ys[split], probs[split], targets, categories, thresholds, cfg
+            split, ys[split], probs[split], raw[split], targets, categories, thresholds, cfg, methods
         )
         splits[split]["fold"] = folds[split]
         for target in targets:
-            splits[split]["targets"][target]["threshold_source"] = threshold_source[target]
+            splits[split]["targets"][target]["threshold_source"] = chosen[target][1]
 
     planted = planted_targets(dataset.info)
     metrics: dict[str, Any] = {
@@ -352,7 +391,8 @@ def evaluate(
         "bootstrap": cfg.bootstrap,
         "seed": cfg.seed,
         "confidence": cfg.confidence,
-        "threshold_rule": cfg.threshold_rule,
+        "threshold_rule": canonical_rule(cfg.threshold_rule),
+        "threshold_fold": "val",
         "headline_auroc": cfg.headline_auroc,
         "n_windows": int(ckpt["ecg"]["n_windows"]),
         "data": {
@@ -363,7 +403,27 @@ def evaluate(
             ),
         },
         "splits": splits,
+        "calibration": {
+            "fold": "val",
+            "method": cfg.calibration,
+            "isotonic_min_class": cfg.isotonic_min_class,
+            "targets": {t: fits[t].to_json() for t in targets},
+        },
     }
+    test_meta = dataset.metadata.iloc[rows["test"]]
+    metrics["subgroups"] = subgroup_metrics(
+        ys["test"],
+        probs["test"],
+        {
+            "sex": [sex_name(v) for v in test_meta["sex"].to_numpy(dtype=np.float64)],
+            "age_band": [age_band(v) for v in test_meta["age"].to_numpy(dtype=np.float64)],
+        },
+        targets=targets,
+        thresholds=thresholds,
+        n_boot=cfg.bootstrap,
+        confidence=cfg.confidence,
+        seed=cfg.seed,
+    )
     if planted is not None:
         names, source = planted
         is_planted = {t: t in set(names) for t in targets}
@@ -375,6 +435,13 @@ def evaluate(
             "targets": [t for t in targets if is_planted[t]],
             "groups": {g: _macro_entry(results["test"], cols, cfg.confidence) for g, cols in groups.items()},
             "per_target": {t: splits["test"]["targets"][t]["auroc"] for t in targets if is_planted[t]},
+            "calibration": {
+                split: {
+                    group: summarise_calibration([splits[split]["targets"][targets[j]] for j in cols])
+                    for group, cols in groups.items()
+                }
+                for split in ("val", "test")
+            },
         }
         oracle = planted_oracle(dataset, rows["test"], ys["test"], targets, is_planted)
         if oracle is not None:
@@ -382,9 +449,10 @@ def evaluate(
     metrics["paper_comparison"] = paper_comparison(metrics)
 
     for split in ("val", "test"):
-        frame = pd.DataFrame(probs[split].astype(np.float32), columns=targets)
-        frame.insert(0, "study_id", dataset.records["study_id"].to_numpy()[rows[split]])
-        frame.to_parquet(run_dir / f"predictions_{split}.parquet", index=False)
+        for suffix, values in (("", probs[split]), ("_raw", raw[split])):
+            frame = pd.DataFrame(values.astype(np.float32), columns=targets)
+            frame.insert(0, "study_id", dataset.records["study_id"].to_numpy()[rows[split]])
+            frame.to_parquet(run_dir / f"predictions_{split}{suffix}.parquet", index=False)
 
     figures = _write_figures(run_dir, ys["test"], probs["test"], targets, splits["test"], cfg)
     metrics["seconds"] = round(time.time() - started, 2)
@@ -402,7 +470,7 @@ def _write_figures(
     test: Mapping[str, Any],
     cfg: EvalConfig,
 ) -> dict[str, Path]:
-    """ROC curves, AUROC bars with CIs and reliability diagrams per task (test fold)."""
+    """ROC curves, AUROC bars with CIs and reliability diagrams (calibrated) per task (test fold)."""
     fig_dir = run_dir / "figures"
     fig_dir.mkdir(exist_ok=True)
     figures: dict[str, Path] = {}
@@ -427,9 +495,9 @@ def _write_figures(
             probs[:, cols],
             names,
             eces,
-            f"Reliability, {TASK_TITLES[task]} (test)",
+            f"Reliability after calibration, {TASK_TITLES[task]} (test)",
             path,
             n_bins=cfg.ece_bins,
         )
-        figures[f"Reliability, {TASK_TITLES[task]} (test)"] = path
+        figures[f"Reliability after calibration, {TASK_TITLES[task]} (test)"] = path
     return figures

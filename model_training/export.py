@@ -10,10 +10,15 @@ refuses a graph whose ONNX Runtime probabilities differ from PyTorch's by more t
 inputs (batch 1, 7 and 64), and this module repeats the comparison on real windows of the run's
 own data set (validation fold). The figures go into the manifest.
 
-The run must have been evaluated (``ecglab evaluate``): the manifest's decision thresholds are the
-validation-chosen ones from ``metrics.json``, and its evaluation summary (per-target AUROC with
-bootstrap CI, per-task macro) comes from the test fold there. Value thresholds (e.g. 353 pg/mL)
-come from the data set's ``thresholds.json``; order codes from ``fhir_mappings``.
+The run must have been evaluated (``ecglab evaluate``). From its ``metrics.json`` the manifest
+takes, and labels with the fold each came from: the per-target calibration maps and the decision
+thresholds (chosen on calibrated probabilities) and the threshold rule, all from the **validation
+fold** (``threshold_fold: val``, ``calibration.fold: val``), the validation AUROC with its CI that
+the service's card gate compares (``auroc_val*``), and the test-fold AUROC with CI and the
+evaluation summary as the honest estimate (``auroc_fold: test``). The abnormality rule the labels
+were built with (``strict``/``inclusive``) comes from the data set's ``dataset.json``. Value
+thresholds (e.g. 353 pg/mL) come from the data set's ``thresholds.json``; order codes from
+``fhir_mappings``.
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ from fhir_mappings import MAPPING_VERSION, load_mappings
 from fhir_mappings.errors import InputError
 from fhir_mappings.manifest import MANIFEST_SUFFIX, Manifest, MetadataSpec, sha256_file
 from fhir_mappings.tasks import TASK_HORIZON_MIN
+from model_training.checkpoint import load_checkpoint
 from model_training.data import parse_target
 from model_training.model import FusionModel
 from model_training.s4_export import ONNX_PARITY_ATOL, PARITY_BATCH_SIZES, export_onnx, random_inputs
-from model_training.train import load_checkpoint
+from model_training.thresholds import canonical_rule
 
 OPSET = 18
 REAL_PARITY_RECORDS = 64
@@ -205,6 +211,14 @@ def _parity(model: FusionModel, onnx_path: Path, data_dir: Path, spec: MetadataS
     return {k: float(f"{v:.3g}") for k, v in figures.items()}
 
 
+def _rule(rule: object) -> str | None:
+    """The manifest spelling of the evaluation's threshold rule (``sens:X`` → ``sensitivity=X``)."""
+    try:
+        return canonical_rule(str(rule)) if rule is not None else None
+    except ValueError:
+        return None
+
+
 def _value_thresholds(data_dir: Path) -> dict[str, dict[str, Any]]:
     path = data_dir / "thresholds.json"
     if not path.is_file():
@@ -229,6 +243,7 @@ def build_manifest(
     val = metrics["splits"]["val"]["targets"]
     test = metrics["splits"]["test"]["targets"]
     value_thresholds = _value_thresholds(data_dir)
+    calibrations = (metrics.get("calibration") or {}).get("targets", {})
     labels = []
     for target in ckpt["labels"]:
         name = parse_target(target)
@@ -243,6 +258,8 @@ def build_manifest(
         ):
             value = lab.paper_threshold.value
         scores = test.get(target, {})
+        val_scores = val.get(target, {})
+        calibration = calibrations.get(target, {}).get("calibration")
         labels.append(
             {
                 "target": target,
@@ -271,6 +288,12 @@ def build_manifest(
                 "ci_high": scores.get("ci_high"),
                 "n_pos": scores.get("n_pos"),
                 "n_neg": scores.get("n_neg"),
+                "auroc_fold": "test",
+                "auroc_val": val_scores.get("auroc"),
+                "auroc_val_ci_low": val_scores.get("ci_low"),
+                "auroc_val_ci_high": val_scores.get("ci_high"),
+                "threshold_fold": "val",
+                "calibration": calibration,
             }
         )
     dataset_json = ckpt["provenance"].get("dataset_json", {}) or {}
@@ -334,6 +357,8 @@ def build_manifest(
             "n_records": test_split.get("n_records"),
             "bootstrap": metrics.get("bootstrap"),
             "threshold_rule": metrics.get("threshold_rule"),
+            "threshold_fold": "val",
+            "calibration": test_split.get("calibration"),
             "tasks": {
                 t: {k: v.get(k) for k in ("macro_auroc", "ci_low", "ci_high", "n_above", "n_significant")}
                 for t, v in test_split.get("tasks", {}).items()
@@ -341,6 +366,8 @@ def build_manifest(
             "micro": test_split.get("micro"),
             "planted": (metrics.get("planted") or {}).get("groups"),
         },
+        "threshold_rule": _rule(metrics.get("threshold_rule")),
+        "abnormal_rule": (dataset_json.get("options") or {}).get("abnormal_rule", "strict"),
         "parity": parity,
         "software": {
             "ecglab": __version__,

@@ -14,7 +14,8 @@ Steps, each recorded with its counts in ``dataset.json``:
    the alphabetically first fluid, as a sorted groupby's ``idxmax`` does), then labels with
    ≥ 200 rows. Thresholds are the median ``ref_range_lower`` and median ``ref_range_upper`` of
    those rows (NaN ignored; an even count averages the two middle values). A value is ``low`` if
-   ``< lower``, ``high`` if ``> upper`` (strict), otherwise normal. Labels with one class only are
+   ``< lower``, ``high`` if ``> upper`` (``abnormal_rule="strict"``, the reference code; the paper's
+   text writes ≤/≥, selectable as ``"inclusive"``), otherwise normal. Labels with one class only are
    dropped; every non-normal class that occurs becomes a target ``{label}_{low|high}``.
 3. **Windows** (:func:`window_labels`): each lab row is joined to the ECGs of the same subject
    with ``charttime - ecg_time`` in [−60 min, +120 min] (an equi-join on subject and a 3-hour time
@@ -41,17 +42,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fhir_mappings.tasks import TASKS
+from fhir_mappings.tasks import TASK_WINDOW_MIN, TASKS
 from model_training.mimic_tables import execute, read_csv_sql, sql_name, sql_string
 
 logger = logging.getLogger(__name__)
 
 
-HORIZON_MIN: dict[str, int] = {"mon30": 30, "mon60": 60, "mon120": 120}
-"""Forecast horizon of each monitoring task, minutes after the ECG."""
+HORIZON_MIN: dict[str, int] = {task: end for task, (_, end) in TASK_WINDOW_MIN.items() if task != "est"}
+"""Forecast horizon of each monitoring task, minutes after the ECG (the end of its window in fhir_mappings)."""
 
-EST_WINDOW_MIN: int = 60
-"""Estimation window half-width, minutes either side of the ECG."""
+EST_WINDOW_MIN: int = -TASK_WINDOW_MIN["est"][0]
+"""Estimation window half-width, minutes either side of the ECG (fhir_mappings ``TASK_WINDOW_MIN``)."""
+
+ABNORMAL_RULES: tuple[str, ...] = ("strict", "inclusive")
+"""How a value is compared with its thresholds: ``<``/``>`` (reference code) or ``≤``/``≥`` (paper text)."""
 
 MIN_MEASUREMENTS: int = 200
 """A lab needs at least this many rows (of its main fluid) to become a target."""
@@ -240,14 +244,12 @@ def load_lab_rows(con: Any, labevents: Path, d_labitems: Path) -> dict[str, int]
     return counts
 
 
-def derive_thresholds(con: Any) -> tuple[list[LabThreshold], dict[str, Any]]:
-    """Choose each label's fluid, apply the ≥200 rule, derive median thresholds and classes.
+def derive_thresholds(con: Any, abnormal_rule: str = "strict") -> tuple[list[LabThreshold], dict[str, Any]]:
+    """Choose each label's fluid, apply the ≥200 rule, derive median thresholds and classes (``abnormal_rule``).
 
     Creates table ``thr(label_id, label, fluid, lower, upper)`` holding the labs that passed,
-    ``label_id`` being the position in the returned (label-sorted) list.
-
-    Returns:
-        The passing labs, and a report of every label-level decision with counts.
+    ``label_id`` being the position in the returned (label-sorted) list. Returns the passing labs,
+    and a report of every label-level decision with counts.
     """
     groups = execute(
         con,
@@ -309,10 +311,11 @@ def derive_thresholds(con: Any) -> tuple[list[LabThreshold], dict[str, Any]]:
             setattr(threshold, attr, _median(hist.get(label, [])))
     ordered = [labs[label] for label in kept]
     _create_thr(con, ordered)
+    cls = class_sql(abnormal_rule)
     class_rows = execute(
         con,
         f"""
-        SELECT t.label_id, count(*) FILTER (WHERE {_CLASS_SQL} = 1), count(*) FILTER (WHERE {_CLASS_SQL} = 0), count(*) FILTER (WHERE {_CLASS_SQL} = 2)
+        SELECT t.label_id, count(*) FILTER (WHERE {cls} = 1), count(*) FILTER (WHERE {cls} = 0), count(*) FILTER (WHERE {cls} = 2)
         FROM lab AS l JOIN items AS i USING (itemid) JOIN thr AS t ON t.label = i.label AND t.fluid = i.fluid
         WHERE l.reason IS NULL GROUP BY ALL
         """,
@@ -334,8 +337,12 @@ def derive_thresholds(con: Any) -> tuple[list[LabThreshold], dict[str, Any]]:
     return final, report
 
 
-_CLASS_SQL = "(CASE WHEN l.valuenum < t.lower THEN 1 WHEN l.valuenum > t.upper THEN 2 ELSE 0 END)"
-"""Class of a lab row against its label's thresholds: 1 low, 2 high, 0 normal (strict inequalities)."""
+def class_sql(abnormal_rule: str) -> str:
+    """SQL class of a lab row ``l`` against its label's thresholds ``t``: 1 low, 2 high, 0 normal."""
+    if abnormal_rule not in ABNORMAL_RULES:
+        raise ValueError(f"abnormal_rule must be one of {ABNORMAL_RULES}, got {abnormal_rule!r}")
+    low, high = ("<", ">") if abnormal_rule == "strict" else ("<=", ">=")
+    return f"(CASE WHEN l.valuenum {low} t.lower THEN 1 WHEN l.valuenum {high} t.upper THEN 2 ELSE 0 END)"
 
 
 def _create_thr(con: Any, labs: list[LabThreshold]) -> None:
@@ -358,8 +365,8 @@ def _create_thr(con: Any, labs: list[LabThreshold]) -> None:
     execute(con, f"INSERT INTO thr VALUES {values}", "thr")
 
 
-def window_labels(con: Any) -> int:
-    """Create ``per_lab``: one row per (ECG, lab) with a measurement in [−60, +120] min.
+def window_labels(con: Any, abnormal_rule: str = "strict") -> int:
+    """Create ``per_lab``: one row per (ECG, lab) with a measurement in [−60, +120] min (classes by ``abnormal_rule``).
 
     Columns: ``rn``, ``label_id``, ``est`` (class of the closest measurement within ±60 min or
     NULL), and per horizon H ``mH`` (any measurement in [0, H]), ``mH_low``, ``mH_high`` (any low /
@@ -381,7 +388,7 @@ def window_labels(con: Any) -> int:
         CREATE OR REPLACE TABLE per_lab AS
         WITH k AS (
             SELECT l.subject_id, t.label_id, epoch(l.charttime) AS t, l.valuenum AS v,
-                   {_CLASS_SQL}::TINYINT AS cls,
+                   {class_sql(abnormal_rule)}::TINYINT AS cls,
                    floor(epoch(l.charttime) / {_BUCKET_S})::BIGINT AS b
             FROM lab AS l JOIN items AS i USING (itemid) JOIN thr AS t ON t.label = i.label AND t.fluid = i.fluid
             WHERE l.reason IS NULL
@@ -435,9 +442,8 @@ def select_targets(
     ``min_count`` replaces the 10 (the method's value is the default; smaller values only make
     sense for quick runs on a few hundred synthetic ECGs, whose evaluation folds are tiny).
 
-    Returns:
-        task → kept (label_id, direction) in label order, and per task and candidate target its
-        fold-18/19 counts and the decision.
+    Returns task → kept (label_id, direction) in label order, and per task and candidate target its
+    fold-18/19 counts and the decision.
     """
     candidates = [(i, d) for i, lab in enumerate(labs) for d in lab.directions]
     # The value of a target depends only on (task, direction) given its lab's per_lab row, so one
@@ -483,8 +489,7 @@ def select_targets(
 def build_cohort(con: Any, kept: dict[str, list[tuple[int, str]]]) -> dict[str, int]:
     """Create ``cohort``: ECG records with a ``strat_fold`` and ≥1 non-missing kept target, in ``rn`` order.
 
-    Returns:
-        Counts: records with any lab in the windows, with a kept target, and with a strat_fold too.
+    Returns counts: records with any lab in the windows, with a kept target, and with a strat_fold too.
     """
     clauses = []
     for task in TASKS:
@@ -529,10 +534,7 @@ def write_labels(
     Columns are task-major (est, mon30, mon60, mon120), labels sorted, low before high. The wide
     table is assembled in numpy ``chunk_rows`` ECGs at a time from the long ``per_lab`` rows (one
     pass over each lab's rows per chunk, instead of one SQL ``CASE`` per target per row), so memory
-    stays bounded at MIMIC scale (~800 k ECGs × hundreds of targets).
-
-    Returns:
-        The target column names.
+    stays bounded at MIMIC scale (~800 k ECGs × hundreds of targets). Returns the target column names.
     """
     import numpy as np
     import pyarrow as pa

@@ -13,7 +13,12 @@ feature means the same on both sides.
   upper-cased text, so "HISPANIC/LATINO - WHITE" is white, as in the reference code.
   *Deviation:* an empty race cell is skipped (the next entry is used) instead of crashing the
   keyword test; a subject with no entry is missing.
-* **age**: ``patients.anchor_age`` (MIMIC's anchor age, not age at the ECG; method §2.3).
+* **age**: the age at the ECG, ``anchor_age + (year of ecg_time − anchor_year)`` (MIMIC's
+  ``anchor_age`` is the age in the shifted ``anchor_year``), kept only within the mapping's
+  plausibility limits. *Deviation (issue 15, train/serve parity):* the reference code uses
+  ``anchor_age`` itself; the service computes the age at the ECG from ``Patient.birthDate``
+  (:func:`cds_service.features.completed_years`), so training now does the same. A missing
+  ``anchor_year`` leaves ``anchor_age`` unshifted.
 * **vital signs** (ED ``vitalsign``): per variable, the closest value within the window (±30 min)
   of ``ecg_time`` that is present and plausible (implausible values are blanked *before*
   choosing, as the reference code does; ties: the earlier, then the lower value).
@@ -24,6 +29,9 @@ feature means the same on both sides.
   for an ECG taken at midnight. Ties: the earlier date, then the lower value. The accepted
   ``result_name`` values are the mapping's (e.g. ``Weight (Lbs)`` and ``Weight``; the reference
   code reads only the first spelling).
+* **BMI from weight and height** (*deviation*, as the service does, see
+  :func:`cds_service.features.extract_metadata`): when no plausible BMI is within its window but
+  the chosen weight and height are, BMI = weight / (height/100)², kept if plausible.
 
 Plausibility limits are strict: a value below ``min`` or above ``max`` is missing.
 """
@@ -76,6 +84,7 @@ class MetadataSpec:
     female_code: int
     race_keywords: tuple[tuple[str, int], ...]
     race_default: int
+    age_limits: tuple[float | None, float | None] = (None, None)
 
 
 def spec_from_mappings(mappings: Any = None) -> MetadataSpec:
@@ -124,6 +133,7 @@ def spec_from_mappings(mappings: Any = None) -> MetadataSpec:
         )
     sex = mappings.feature("sex")
     race = mappings.feature("race")
+    age = mappings.feature("age").plausible
     male = next(r for r in sex.category_rules if r.category == "male")
     return MetadataSpec(
         features=tuple(features),
@@ -136,17 +146,38 @@ def spec_from_mappings(mappings: Any = None) -> MetadataSpec:
             for keyword in rule.keywords
         ),
         race_default=race.categories.index(race.default_category or "other"),
+        age_limits=(None, None) if age is None else (age.min, age.max),
     )
 
 
 def _plausible_sql(expr: str, feature: Feature) -> str:
     """SQL: ``expr`` when present and within the feature's limits, else NULL."""
+    return _within_sql(expr, feature.minimum, feature.maximum)
+
+
+def _within_sql(expr: str, minimum: float | None, maximum: float | None) -> str:
+    """SQL: ``expr`` when present and within [minimum, maximum] (either may be open), else NULL."""
     bad = [f"isnan({expr})"]
-    if feature.minimum is not None:
-        bad.append(f"{expr} < {feature.minimum!r}")
-    if feature.maximum is not None:
-        bad.append(f"{expr} > {feature.maximum!r}")
+    if minimum is not None:
+        bad.append(f"{expr} < {minimum!r}")
+    if maximum is not None:
+        bad.append(f"{expr} > {maximum!r}")
     return f"(CASE WHEN {' OR '.join(bad)} THEN NULL ELSE {expr} END)"
+
+
+def age_sql(spec: MetadataSpec) -> str:
+    """SQL over ``ecg AS e``: the age at the ECG, ``anchor_age + (year(ecg_time) − anchor_year)``, if plausible."""
+    age = "(e.anchor_age + coalesce(year(e.ecg_time) - e.anchor_year, 0))::DOUBLE"
+    return _within_sql(age, *spec.age_limits)
+
+
+def bmi_sql(spec: MetadataSpec) -> str:
+    """SQL over ``omr_closest AS o``: the charted BMI, else weight / (height/100)² when plausible."""
+    by_key = {f.key: f for f in spec.features if f.table == "omr"}
+    if not {"bmi", "weight", "height"} <= set(by_key):
+        return "o.bmi" if "bmi" in by_key else "NULL"
+    computed = _plausible_sql("(o.weight / ((o.height / 100.0) * (o.height / 100.0)))", by_key["bmi"])
+    return f"coalesce(o.bmi, CASE WHEN o.height > 0 THEN {computed} END)"
 
 
 def race_sql(column: str, spec: MetadataSpec) -> str:
@@ -181,8 +212,8 @@ def build_metadata(
 ) -> dict[str, Any]:
     """Write ``metadata.parquet`` (study_id + :data:`METADATA_COLUMNS`) for table ``cohort``, in its order.
 
-    Needs tables ``cohort(rn, study_id, subject_id, ecg_time, ...)`` and ``ecg(rn, gender,
-    anchor_age, ...)`` in ``con``; ``spec`` defaults to :func:`spec_from_mappings`.
+    Needs tables ``cohort(rn, study_id, subject_id, ecg_time, ...)`` and ``ecg(rn, ecg_time, gender,
+    anchor_age, anchor_year, ...)`` in ``con``; ``spec`` defaults to :func:`spec_from_mappings`.
 
     Returns:
         Counts: non-missing values per feature and the source rows used.
@@ -288,9 +319,12 @@ def build_metadata(
     columns = [
         f"CASE WHEN upper(e.gender) IN ({male}) THEN {spec.male_code} ELSE {spec.female_code} END::DOUBLE AS sex",
         "r.race::DOUBLE AS race",
-        "e.anchor_age::DOUBLE AS age",
+        f"{age_sql(spec)} AS age",
         *(f"v.{sql_name(f.key)}::DOUBLE AS {sql_name(f.key)}" for f in vitals),
-        *(f"o.{sql_name(f.key)}::DOUBLE AS {sql_name(f.key)}" for f in biometrics),
+        *(
+            f"{bmi_sql(spec) if f.key == 'bmi' else 'o.' + sql_name(f.key)}::DOUBLE AS {sql_name(f.key)}"
+            for f in biometrics
+        ),
     ]
     execute(
         con,

@@ -1,4 +1,4 @@
-"""Evaluation metrics: AUROC (per target, macro, micro), bootstrap CIs, calibration, thresholds.
+"""Evaluation metrics: AUROC (per target, macro, micro), bootstrap CIs, calibration error and Brier score.
 
 Everything here is plain numpy so that it is fast, testable and usable from the service side
 of the project (``ecglab score``) without torch. Conventions follow the paper's code (method.md
@@ -22,7 +22,6 @@ therefore take seconds, not minutes.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -313,52 +312,16 @@ def expected_calibration_error(
     return float((bins.count[used] / total * gaps).sum())
 
 
+def brier_score(y_true: NDArray[np.floating], y_prob: NDArray[np.floating]) -> float:
+    """Mean squared difference between probability and outcome over non-NaN entries; NaN if none."""
+    y, p = _check_pair(y_true, y_prob)
+    valid = ~np.isnan(y)
+    return float(np.mean((p[valid] - y[valid]) ** 2)) if valid.any() else float("nan")
+
+
 # --------------------------------------------------------------------------------------------
-# Decision thresholds
+# Operating points and groups (threshold rules: model_training.thresholds)
 # --------------------------------------------------------------------------------------------
-_SENS_RULE = re.compile(r"^sens:(0(\.\d+)?|1(\.0+)?)$")
-_THRESHOLD_RULES = ("youden", "f1", "sens:<0..1>")
-
-
-def validate_threshold_rule(rule: str) -> str:
-    """Return ``rule`` if it is ``youden``, ``f1`` or ``sens:X`` with 0 <= X <= 1, else raise ValueError."""
-    if rule in ("youden", "f1") or _SENS_RULE.match(rule):
-        return rule
-    raise ValueError(f"unknown threshold rule {rule!r}; expected one of {', '.join(_THRESHOLD_RULES)}")
-
-
-def choose_threshold(
-    y_true: NDArray[np.floating], y_prob: NDArray[np.floating], rule: str = "youden"
-) -> float:
-    """Probability cut-off (positive when ``prob >= t``) chosen by ``rule`` on non-NaN entries.
-
-    * ``youden``: maximise sensitivity + specificity - 1 (Youden's J);
-    * ``f1``: maximise F1 of the positive class;
-    * ``sens:X``: the highest cut-off whose sensitivity is at least X (most specific rule that
-      still catches the requested share of abnormal values).
-
-    Ties are broken towards the higher cut-off (fewer alarms). Returns NaN when the target has
-    only one class, so the caller can decide on a documented fallback.
-    """
-    validate_threshold_rule(rule)
-    fpr, tpr, thresholds = roc_curve(y_true, y_prob)
-    if len(thresholds) < 2 or not (np.isfinite(tpr[1:]).all() and np.isfinite(fpr[1:]).all()):
-        return float("nan")
-    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # drop the "nobody positive" point
-    if rule == "youden":
-        best = int(np.argmax(tpr - fpr))
-    elif rule == "f1":
-        y = np.asarray(y_true, dtype=np.float64)
-        n_pos = float(np.nansum(y))
-        n_neg = float((~np.isnan(y)).sum()) - n_pos
-        tp, fp = tpr * n_pos, fpr * n_neg
-        f1 = 2 * tp / (2 * tp + fp + (n_pos - tp))
-        best = int(np.argmax(f1))
-    else:
-        wanted = float(rule.split(":", 1)[1])
-        reached = np.flatnonzero(tpr >= wanted - 1e-12)
-        best = int(reached[0])
-    return float(thresholds[best])
 
 
 def sensitivity_specificity(

@@ -96,6 +96,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=lab.MIN_CLASS_COUNT,
         help="positives and negatives a target needs in each of folds 18 and 19 (method: 10; lower only for tiny test sets)",
     )
+    parser.add_argument(
+        "--abnormal-rule",
+        choices=lab.ABNORMAL_RULES,
+        default="strict",
+        help="abnormal = below/above the threshold (strict: < and >, as the reference code; "
+        "inclusive: <= and >=, as the paper's text)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DATASET")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -131,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         max_records=args.max_records,
         min_class_count=args.min_class_count,
+        abnormal_rule=args.abnormal_rule,
         threads=args.threads,
         memory_limit=args.memory_limit,
         overwrite=args.overwrite,
@@ -149,6 +157,7 @@ def preprocess(
     workers: int = 1,
     max_records: int | None = None,
     min_class_count: int = lab.MIN_CLASS_COUNT,
+    abnormal_rule: str = "strict",
     threads: int = 2,
     memory_limit: str = "2GB",
     overwrite: bool = False,
@@ -167,6 +176,7 @@ def preprocess(
     options = {
         "max_records": max_records,
         "min_class_count": min_class_count,
+        "abnormal_rule": abnormal_rule,
         "pipeline_version": PIPELINE_VERSION,
     }
     fingerprint = _fingerprint(tables, options)
@@ -180,6 +190,7 @@ def preprocess(
                 work,
                 max_records=max_records,
                 min_class_count=min_class_count,
+                abnormal_rule=abnormal_rule,
                 threads=threads,
                 memory_limit=memory_limit,
                 progress=progress,

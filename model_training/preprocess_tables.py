@@ -51,7 +51,7 @@ def _read_records(path: Path, max_records: int | None) -> tuple[Any, int]:
 
 
 def load_records(con: Any, tables: dict[str, Path], max_records: int | None) -> dict[str, int]:
-    """Create table ``ecg(rn, subject_id, study_id, ecg_time, strat_fold, path, gender, anchor_age)``.
+    """Create table ``ecg(rn, subject_id, study_id, ecg_time, strat_fold, path, gender, anchor_age, anchor_year)``.
 
     One row per ``record_list.csv`` record (the first ``max_records``) whose subject is in
     ``patients`` (an inner join, as in the reference code); ``strat_fold`` from MIMIC-IV-ECG-ICD
@@ -76,12 +76,14 @@ def load_records(con: Any, tables: dict[str, Path], max_records: int | None) -> 
         con,
         f"""
         CREATE OR REPLACE TABLE patients AS
-        SELECT subject_id, any_value(gender) AS gender, any_value(anchor_age) AS anchor_age
+        SELECT subject_id, any_value(gender) AS gender, any_value(anchor_age) AS anchor_age,
+               any_value(anchor_year) AS anchor_year
         FROM {read_csv_sql(tables["patients"], "patients")} GROUP BY subject_id;
         CREATE OR REPLACE TABLE folds AS SELECT study_id, min(strat_fold)::INTEGER AS strat_fold
         FROM {read_csv_sql(tables["records_w_diag_icd10"], "records_w_diag_icd10")} GROUP BY study_id;
         CREATE OR REPLACE TABLE ecg AS
-        SELECT r.rn, r.subject_id, r.study_id, r.ecg_time, f.strat_fold, r.path, p.gender, p.anchor_age
+        SELECT r.rn, r.subject_id, r.study_id, r.ecg_time, f.strat_fold, r.path, p.gender, p.anchor_age,
+               p.anchor_year
         FROM rec AS r JOIN patients AS p USING (subject_id) LEFT JOIN folds AS f USING (study_id)
         ORDER BY r.rn;
         """,
@@ -110,8 +112,9 @@ def build_tables(
     threads: int,
     memory_limit: str,
     progress: bool,
+    abnormal_rule: str = "strict",
 ) -> dict[str, Any]:
-    """Labels, cohort, metadata and records into ``work``; returns the filter report."""
+    """Labels (values compared by ``abnormal_rule``), cohort, metadata and records into ``work``; returns the filter report."""
     from tqdm import tqdm
 
     database = work / "work.duckdb"
@@ -129,10 +132,10 @@ def build_tables(
         row_report = lab.load_lab_rows(con, tables["labevents"], tables["d_labitems"])
         steps.update()
         steps.set_postfix_str("thresholds")
-        thresholds, lab_report = lab.derive_thresholds(con)
+        thresholds, lab_report = lab.derive_thresholds(con, abnormal_rule)
         steps.update()
         steps.set_postfix_str("windows")
-        pairs = lab.window_labels(con)
+        pairs = lab.window_labels(con, abnormal_rule)
         steps.update()
         steps.set_postfix_str("target filter")
         kept, target_report = lab.select_targets(con, thresholds, min_class_count)

@@ -203,7 +203,7 @@ def train(
         )
     if len(rows["val"]) == 0:
         raise InputError(f"{records_file}: no record in validation fold {cfg.val_fold}")
-    spec = fit_metadata_spec(dataset.metadata, rows["train"])
+    spec = fit_metadata_spec(dataset.metadata, rows["train"], missing_indicators=cfg.use_missing_indicators)
     cat, cont = encode_features(dataset.metadata, spec)
 
     # ---- model, optimiser, loaders (and their state on --resume)

@@ -17,6 +17,22 @@ through ``binary_loader``, at most ``ecg.max_attachment_bytes``, read by the rea
 recognises the bytes (:func:`cds_service.ecg.readers.read_file`; the content type is a hint).
 Then :func:`cds_service.ecg.canonical.to_model_leads` names, derives and checks the leads. Any
 failure while decoding, expected or not, rejects that ECG; it never fails the hook call.
+
+**Where decoding runs.** Attachments are fetched here (the FHIR client lives in this process);
+the bytes or the named components become a :class:`~cds_service.ecg.isolation.DecodeJob`. Given a
+:class:`~cds_service.ecg.isolation.Decoder` (the service's), the job is decoded in its worker
+processes and abandoned at ``deadline`` (``decode_timeout``); without one (command-line paths) it
+is decoded in this process. Once the deadline has passed, older candidates are not tried.
+
+**Patient binding** (:func:`names_other_patient`). A resource whose ``subject`` (or, lacking one,
+``patient``) reference does not name the context patient is never a candidate: the reference must
+be ``Patient/<id>``, optionally versioned (``/_history/<v>``) or absolute
+(``https://ehr/fhir/Patient/<id>``; any base, since an EHR may write its own base in several
+spellings), with exactly that id. ``urn:uuid:``/``urn:oid:`` references (Bundle-internal; prefetch
+and search results carry resolved references), contained (``#x``) references, other resource
+types, other ids and malformed subjects are another patient as far as this service can tell, and
+are ignored. A resource without a subject reference (absent, or identifier only) is kept: it came
+from a query scoped to the patient, and nothing in it names anyone else.
 """
 
 from __future__ import annotations
@@ -24,6 +40,8 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,11 +50,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cds_service.ecg.canonical import to_model_leads
-from cds_service.ecg.readers import read_file
-from cds_service.ecg.readers.sampled_data import read_components
+from cds_service.ecg.isolation import DecodeJob, Decoder, decode
+from cds_service.ecg.readers.sampled_data import lead_components
 from cds_service.ecg.record import EcgRecording, EcgRejected, ReadLimits
-from cds_service.fhir_values import as_list, as_text, first_time, has_code, of_patient, reference, usable
+from cds_service.fhir_values import as_list, as_text, first_time, has_code, reference, usable
 from fhir_mappings.errors import EcglabError
 from fhir_mappings.leads import canonical_lead
 
@@ -48,6 +65,7 @@ __all__ = [
     "EcgRecord",
     "NoEcgError",
     "lead_aliases",
+    "names_other_patient",
     "read_limits",
     "select_ecg",
 ]
@@ -70,6 +88,12 @@ OBSERVATION_TIME: tuple[str, ...] = (
 """Where an Observation's time is, in order of preference (also used for metadata Observations)."""
 MEDIA_TIME: tuple[str, ...] = ("createdDateTime", "createdPeriod.start", "issued")
 DOCUMENT_TIME: tuple[str, ...] = ("context.period.start", "date")
+
+_PATIENT_REFERENCE = re.compile(
+    r"(?:[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#]+(?:/[^\s/?#]+)*/)?"
+    r"Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?"
+)
+"""A reference to a Patient, relative or absolute, optionally versioned; group 1 is the id."""
 
 
 class NoEcgError(EcglabError):
@@ -109,13 +133,38 @@ def lead_aliases(ecg: Any) -> dict[str, list[str]]:
     return aliases
 
 
+def names_other_patient(resource: Mapping[str, Any], patient_id: str) -> bool:
+    """Whether the resource's subject (or patient) reference is not ``Patient/<patient_id>``.
+
+    The rules are in the module docstring ("Patient binding"); ids are compared exactly.
+    """
+    subject = resource.get("subject")
+    if subject is None:
+        subject = resource.get("patient")
+    if subject is None:
+        return False
+    if not isinstance(subject, Mapping):
+        return True
+    ref = subject.get("reference")
+    if ref is None:
+        return False  # identifier-only (logical) reference: nothing names another patient
+    if not isinstance(ref, str):
+        return True
+    match = _PATIENT_REFERENCE.fullmatch(ref.strip())
+    return match is None or match.group(1) != patient_id
+
+
 def _ecg_candidates(
-    resources: Iterable[Mapping[str, Any]], ecg: Any, patient_ref: str | None
+    resources: Iterable[Mapping[str, Any]], ecg: Any, patient_id: str | None
 ) -> list[_Candidate]:
     """ECG resources (any carrier) of this patient, with their recording time."""
     found: list[_Candidate] = []
+    others = 0
     for resource in resources:
-        if not isinstance(resource, Mapping) or not usable(resource) or not of_patient(resource, patient_ref):
+        if not isinstance(resource, Mapping) or not usable(resource):
+            continue
+        if patient_id is not None and names_other_patient(resource, patient_id):
+            others += 1
             continue
         kind = resource.get("resourceType")
         if kind == "Observation":
@@ -129,6 +178,8 @@ def _ecg_candidates(
         if not any(has_code(resource.get(path), codes) for path in ecg.code_paths[carrier]):
             continue
         found.append(_Candidate(resource, carrier, first_time(resource, times)))
+    if others:
+        log.warning("ignored %d ECG resource(s) naming another patient than the hook context", others)
     return found
 
 
@@ -203,19 +254,31 @@ def _attachment(candidate: _Candidate, ecg: Any) -> Mapping[str, Any]:
     return readable[0] if readable else attachments[0]
 
 
-def _decode(candidate: _Candidate, ecg: Any, loader: Callable[[str], bytes] | None) -> EcgRecording:
-    """The candidate's recording with the 12 model leads (raises :class:`EcgRejected`)."""
+def _job(candidate: _Candidate, ecg: Any, loader: Callable[[str], bytes] | None) -> DecodeJob:
+    """What decoding the candidate needs: its bytes (fetched here) or its named lead components."""
     limits = read_limits(ecg)
     aliases = lead_aliases(ecg)
+    min_duration_s = float(ecg.min_duration_s)
     if candidate.carrier == "observation":
         components = [c for c in as_list(candidate.resource.get("component")) if isinstance(c, Mapping)]
-        recording = read_components(components, _lead_of(ecg, aliases), limits)
-    else:
-        attachment = _attachment(candidate, ecg)
-        content = _attachment_bytes(attachment, limits.max_bytes, loader)
-        hint = ecg.attachment_format(as_text(attachment.get("contentType")))
-        recording = read_file(content, limits, hint)
-    return to_model_leads(recording, aliases, min_duration_s=float(ecg.min_duration_s))
+        leads = tuple(lead_components(components, _lead_of(ecg, aliases)))
+        return DecodeJob(limits, aliases, min_duration_s, leads=leads)
+    attachment = _attachment(candidate, ecg)
+    content = _attachment_bytes(attachment, limits.max_bytes, loader)
+    hint = ecg.attachment_format(as_text(attachment.get("contentType")))
+    return DecodeJob(limits, aliases, min_duration_s, data=content, hint=hint)
+
+
+def _decode(
+    candidate: _Candidate,
+    ecg: Any,
+    loader: Callable[[str], bytes] | None,
+    decoder: Decoder | None,
+    deadline: float | None,
+) -> EcgRecording:
+    """The candidate's recording with the 12 model leads (raises :class:`EcgRejected`)."""
+    job = _job(candidate, ecg, loader)
+    return decoder.decode(job, deadline) if decoder is not None else decode(job)
 
 
 def select_ecg(
@@ -223,8 +286,10 @@ def select_ecg(
     ecg: Any,
     *,
     now: datetime,
-    patient_ref: str | None = None,
+    patient_id: str | None = None,
     binary_loader: Callable[[str], bytes] | None = None,
+    decoder: Decoder | None = None,
+    deadline: float | None = None,
 ) -> EcgRecord:
     """The newest usable ECG within the maximum age (see the module docstring).
 
@@ -232,14 +297,18 @@ def select_ecg(
         resources: the patient's ECG resources (any carrier; others are ignored).
         ecg: the ``ecg.yaml`` spec (``load_mappings().ecg``).
         now: the reference time for the maximum age.
-        patient_ref: ``Patient/<id>``; resources of another patient are ignored.
+        patient_id: the context patient's id; resources naming another patient are ignored
+            (:func:`names_other_patient`). ``None``: no binding (the caller has bound the data).
         binary_loader: fetches attachment URLs.
+        decoder: decodes in worker processes; ``None``: in this process.
+        deadline: :func:`time.monotonic` instant at which decoding is abandoned
+            (``decode_timeout``); used by ``decoder`` only.
 
     Raises:
         NoEcgError: no ECG resource recent enough.
         EcgRejected: every recent ECG is unusable; the newest one's reason.
     """
-    candidates = _ecg_candidates(resources, ecg, patient_ref)
+    candidates = _ecg_candidates(resources, ecg, patient_id)
     oldest = now - timedelta(minutes=int(ecg.max_age_minutes))
     recent = sorted(
         (
@@ -262,8 +331,10 @@ def select_ecg(
     rejections: list[EcgRejected] = []
     for candidate in recent:
         ref = reference(candidate.resource)
+        if rejections and deadline is not None and time.monotonic() >= deadline:
+            break  # no time left for an older one; the newest one's reason stands
         try:
-            recording = _decode(candidate, ecg, binary_loader)
+            recording = _decode(candidate, ecg, binary_loader, decoder, deadline)
         except EcgRejected as exc:
             rejection = exc
         except Exception as exc:  # a decoding bug on hostile input rejects this ECG only

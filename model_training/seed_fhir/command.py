@@ -6,11 +6,11 @@ Usage::
 
 Each demo patient is one subject of a MIMIC-IV-layout data set (``--from``, as written by
 ``ecglab synth-mimic``; without it a small synthetic set is generated into a temporary folder):
-its Patient (sex, birth date from ``anchor_age``, US Core race/ethnicity), ED vital signs around
-one of its ECGs, OMR biometrics, recent lab results, and for some patients an active lab
-ServiceRequest. Times are shifted so that the ECG was taken a few minutes ago (within the ECG
-maximum age of ``fhir_mappings``), keeping every other time relative to it. The command prints
-one summary row per patient.
+its Patient (sex, a birth date giving the age at the ECG that training computes, US Core
+race/ethnicity), ED vital signs around one of its ECGs, OMR biometrics, recent lab results, and
+for some patients an active lab ServiceRequest. Times are shifted so that the ECG was taken a few
+minutes ago (within the ECG maximum age of ``fhir_mappings``), keeping every other time relative
+to it. The command prints one summary row per patient.
 """
 
 from __future__ import annotations

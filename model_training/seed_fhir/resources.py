@@ -131,7 +131,8 @@ def _observation(
         "code": {"coding": [_coding(coding)]},
         "subject": {"reference": f"Patient/{patient_id}"},
         "effectiveDateTime": _instant(when),
-        "valueQuantity": {"value": round(value, 3), "unit": unit, "system": UCUM, "code": unit},
+        # unrounded: the service must see the value training saw (train/serve parity, issue 15)
+        "valueQuantity": {"value": value, "unit": unit, "system": UCUM, "code": unit},
     }
 
 
@@ -287,8 +288,9 @@ def patient_bundle(
     patient["name"] = [{"family": "Demo", "given": [f"Subject {subject.subject_id[-4:]}"]}]
     if subject.gender in ("M", "F"):
         patient["gender"] = "male" if subject.gender == "M" else "female"
-    if subject.anchor_age is not None:
-        born = ecg_time.date() - timedelta(days=round(365.25 * subject.anchor_age + 180))
+    age = subject.age_at_ecg  # the age training computes, so the service derives the same completed years
+    if age is not None:
+        born = ecg_time.date() - timedelta(days=round(365.25 * age + 180))
         patient["birthDate"] = born.isoformat()
     resources: list[dict[str, Any]] = [patient]
 
@@ -312,10 +314,15 @@ def patient_bundle(
                     )
                 )
                 vitals += 1
-        if "sbp" in values and "dbp" in values:
+        if "sbp" in values or "dbp" in values:  # a panel with the components measured, as charted
             resources.append(
                 _bp_panel(
-                    f"{patient_id}-vs{index}-bp", patient_id, at, values["sbp"], values["dbp"], mappings
+                    f"{patient_id}-vs{index}-bp",
+                    patient_id,
+                    at,
+                    values.get("sbp"),
+                    values.get("dbp"),
+                    mappings,
                 )
             )
             vitals += 1
@@ -395,7 +402,7 @@ def patient_bundle(
     row = {
         "patient": patient_id,
         "sex": patient.get("gender", "-"),
-        "age": f"{subject.anchor_age:.0f}" if subject.anchor_age is not None else "-",
+        "age": f"{subject.age_at_ecg:.0f}" if subject.age_at_ecg is not None else "-",
         "race": mappings.feature("race").categorize_mimic(subject.race) or "-",
         "ecg": carrier.label,
         "ecg_time": ecg_time.strftime("%H:%M"),
@@ -408,9 +415,9 @@ def patient_bundle(
 
 
 def _bp_panel(
-    rid: str, patient_id: str, at: datetime, sbp: float, dbp: float, mappings: Any
+    rid: str, patient_id: str, at: datetime, sbp: float | None, dbp: float | None, mappings: Any
 ) -> dict[str, Any]:
-    """A blood-pressure panel Observation with systolic and diastolic components (codes from the mappings)."""
+    """A blood-pressure panel Observation with its systolic and/or diastolic component (codes from the mappings)."""
     sys_ref = mappings.feature("sbp").fhir.components[0]
     dia_ref = mappings.feature("dbp").fhir.components[0]
     unit = mappings.feature("sbp").unit
@@ -428,5 +435,6 @@ def _bp_panel(
                 "valueQuantity": {"value": value, "unit": unit, "system": UCUM, "code": unit},
             }
             for ref, value in ((sys_ref, sbp), (dia_ref, dbp))
+            if value is not None
         ],
     }

@@ -71,6 +71,15 @@ class Subject:
     vitals: list[tuple[int, datetime, dict[str, float]]] = field(default_factory=list)
     omr: list[tuple[int, datetime, str, float]] = field(default_factory=list)
     labs: list[tuple[str, datetime, str, float, str]] = field(default_factory=list)
+    anchor_year: float | None = None
+
+    @property
+    def age_at_ecg(self) -> float | None:
+        """Age at the ECG as training computes it: ``anchor_age + (ECG year − anchor_year)``."""
+        if self.anchor_age is None:
+            return None
+        shift = self.ecg_time.year - self.anchor_year if self.anchor_year is not None else 0.0
+        return self.anchor_age + shift
 
 
 def _table(root: Path, folder: Path, name: str) -> Iterator[dict[str, str]]:
@@ -173,6 +182,7 @@ def read_subjects(root: Path, count: int, seed: int, mappings: Any) -> list[Subj
             subject_id=subject_id,
             gender=patient.get("gender") or None,
             anchor_age=_number(patient.get("anchor_age")),
+            anchor_year=_number(patient.get("anchor_year")),
             race=race.get(subject_id),
             ecg_time=ecg_time,
             recording=read_recording(root, record["path"]),

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import base64
 import io
+import re
+import struct
+import time
+import tracemalloc
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -452,3 +456,263 @@ def test_a_reader_raising_unexpectedly_gives_unreadable(
         read_file(_files()["dicom"], LIMITS)
     assert info.value.reason == "unreadable"
     assert isinstance(info.value.__cause__, type(error))
+
+
+# --------------------------------------------------------------------------- hostile input: bounded work
+
+
+def _bounded(read: Any, data: Any, limits: ReadLimits = LIMITS, *, seconds: float = 2.0, mb: int = 64) -> str:
+    """The rejection reason of ``read(data, limits)``, asserting it comes within time and memory."""
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(EcgRejected) as info:
+            read(data, limits)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert time.perf_counter() - started < seconds
+    assert peak < mb * 2**20, f"traced peak {peak / 2**20:.0f} MB"
+    return info.value.reason
+
+
+def _dicom_dataset(digital: np.ndarray | None = None) -> Any:
+    import pydicom
+
+    data = encode_dicom(
+        _digital(1) if digital is None else digital, 5.0, 500, DICOM_ORDER, acquired="20250101120000"
+    )
+    return pydicom.dcmread(io.BytesIO(data))
+
+
+def _dicom_bytes(ds: Any, syntax: Any = None) -> bytes:
+    if syntax is not None:
+        ds.file_meta.TransferSyntaxUID = syntax
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
+def test_dicom_deflated_transfer_syntax_is_read_under_caps() -> None:
+    """Deflated Explicit VR LE is inflated by the reader (not pydicom) and reads like the plain file."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    plain = dicom.read(_dicom_bytes(_dicom_dataset()), LIMITS)
+    deflated = _dicom_bytes(_dicom_dataset(), DeflatedExplicitVRLittleEndian)
+    assert len(deflated) < 0.8 * len(_dicom_bytes(_dicom_dataset()))
+    np.testing.assert_array_equal(dicom.read(deflated, LIMITS).signal, plain.signal)
+
+
+def test_dicom_deflate_bomb_stops_at_the_running_cap() -> None:
+    """A 200 KB deflated data set inflating to 200 MB is refused after the cap, never fully inflated."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = _dicom_dataset()
+    ds.add_new(0x00091010, "OB", bytes(200 * 2**20))  # a private element of zeros
+    bomb = _dicom_bytes(ds, DeflatedExplicitVRLittleEndian)
+    assert len(bomb) < 400_000
+    assert _bounded(dicom.read, bomb) == "attachment_too_large"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("NumberOfWaveformChannels", 1000, "too_long"),
+        ("NumberOfWaveformChannels", 11, "bad_shape"),
+        ("NumberOfWaveformSamples", 2**31, "too_long"),
+        ("SamplingFrequency", 1e-3, "bad_fs"),
+        ("WaveformBitsAllocated", 12, "unreadable"),
+        ("WaveformSampleInterpretation", "MB", "unreadable"),
+    ],
+)
+def test_dicom_declared_numbers_are_checked_before_decoding(field: str, value: Any, reason: str) -> None:
+    """Counts, rate, sample width and interpretation are range-checked before any sample is read."""
+    ds = _dicom_dataset()
+    setattr(ds.WaveformSequence[0], field, value)
+    assert _bounded(dicom.read, _dicom_bytes(ds)) == reason
+
+
+def test_dicom_samples_shorter_than_declared_and_absurd_scales_are_refused() -> None:
+    """Data shorter than samples × channels, and a sensitivity of 1e300, are refused, not computed."""
+    ds = _dicom_dataset()
+    ds.WaveformSequence[0].WaveformData = ds.WaveformSequence[0].WaveformData[:1000]
+    assert _bounded(dicom.read, _dicom_bytes(ds)) == "unreadable"
+    ds = _dicom_dataset()
+    ds.WaveformSequence[0].ChannelDefinitionSequence[3].ChannelSensitivity = "1e300"
+    assert _bounded(dicom.read, _dicom_bytes(ds)) == "unreadable"
+
+
+def test_dicom_with_a_million_elements_is_refused_while_parsing() -> None:
+    """Pure-Python parsing costs per element: more than MAX_ELEMENTS top-level elements stop the parse."""
+    head = _dicom_bytes(_dicom_dataset())
+    body = b"".join(
+        struct.pack("<HH2sH", 0x0011 + 2 * (i // 0xFFFF), i % 0xFFFF, b"LO", 0) for i in range(10**6)
+    )
+    assert _bounded(dicom.read, head + body, ReadLimits(max_bytes=20 * 2**20)) == "unreadable"
+
+
+def _wfdb_zip(header: bytes, dat: bytes = b"\x00" * 24_000, name: str = "rec.dat") -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("rec.hea", header)
+        z.writestr(name, dat)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (b"rec 1 500 1000\n../../etc/passwd 16 200 16 0 0 0 0 I\n", "unreadable"),
+        (b"rec 1 500 1000\n/etc/passwd 16 200 16 0 0 0 0 I\n", "unreadable"),
+        (b"rec 1 500 1000\nrec.dat 508 200 16 0 0 0 0 I\n", "unreadable"),
+        (b"rec 1 500\nrec.dat 16 200 16 0 0 0 0 I\n", "unreadable"),
+        (b"rec 1 500 999999999\nrec.dat 16 200 16 0 0 0 0 I\n", "too_long"),
+        (b"rec 1 0.001 1000\nrec.dat 16 200 16 0 0 0 0 I\n", "bad_fs"),
+        (b"rec 1 500 1000\nrec.dat 16x9999 200 16 0 0 0 0 I\n", "too_long"),
+        (b"rec 1 500 1000\nrec.dat 16 1e300 16 0 0 0 0 I\n", "unreadable"),
+        (b"rec 1 500 1000\nrec.dat 16+99999999 200 16 0 0 0 0 I\n", "unreadable"),
+        (b"rec 100 500 1000\n" + b"rec.dat 16 200 16 0 0 0 0 I\n" * 100, "too_long"),
+    ],
+    ids=[
+        "path escape",
+        "absolute path",
+        "flac",
+        "no length",
+        "huge length",
+        "rate",
+        "samples per frame",
+        "gain",
+        "byte offset",
+        "signal count",
+    ],
+)
+def test_wfdb_header_numbers_and_file_names_are_checked_first(header: bytes, reason: str) -> None:
+    """Every header number that drives wfdb's work, and every file it names, is checked before reading."""
+    assert _bounded(wfdb.read, _wfdb_zip(header)) == reason
+
+
+def test_wfdb_zip_member_lying_about_its_size_is_capped_while_inflating() -> None:
+    """Declared sizes are not evidence: a member claiming 64 bytes that inflates to 8 MB is stopped."""
+    packed = _wfdb_zip(b"rec 1 500 1000\nrec.dat 16 200 16 0 0 0 0 I\n", bytes(8 * 2**20))
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(packed)) as z, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as bomb:
+        for info in z.infolist():
+            bomb.writestr(info.filename, z.read(info))
+    lying = re.sub(
+        rb"PK\x01\x02(.{16})(.{4})(.{4})",
+        lambda m: b"PK\x01\x02" + m.group(1) + m.group(2) + struct.pack("<I", 64),
+        out.getvalue(),
+        flags=re.DOTALL,
+    )
+    assert _bounded(wfdb.read, lying) in {"attachment_too_large", "unreadable"}
+    assert _bounded(wfdb.read, lying, ReadLimits(max_unpacked_bytes=2**20)) in {
+        "attachment_too_large",
+        "unreadable",
+    }
+
+
+def test_wfdb_zip_with_other_compression_is_refused() -> None:
+    """Only stored and deflated members are unpacked (bzip2/lzma are refused unread)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_BZIP2) as z:
+        z.writestr("rec.hea", b"rec 1 500 1000\nrec.dat 16 200 16 0 0 0 0 I\n")
+        z.writestr("rec.dat", bytes(2000))
+    assert _bounded(wfdb.read, out.getvalue()) == "unreadable"
+
+
+def _muse(digital: np.ndarray | None = None) -> str:
+    return encode_muse_xml(_digital()[:, :8] if digital is None else digital, 4.88, 500, STORED).decode(
+        "utf-8"
+    )
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_muse_xml_in_utf16_is_read_and_its_entities_refused(codec: str) -> None:
+    """UTF-16 (with or without BOM) is detected and read; entities in it are refused like in UTF-8."""
+    text = _muse()
+    assert muse.read(text.encode(codec), LIMITS).signal.shape == (5000, 8)
+    assert detect_format(text.encode(codec)) == "muse-xml"
+    bomb = re.sub(r"(<\?xml[^>]*\?>)", r'\1<!DOCTYPE RestingECG [<!ENTITY a "x">]>', text, count=1)
+    assert (
+        _bounded(muse.read, bomb.replace("<RestingECG>", "<RestingECG>&a;", 1).encode(codec)) == "unsafe_xml"
+    )
+
+
+def test_muse_xml_external_doctype_is_dropped_unread_and_other_dtds_refused() -> None:
+    """The real exports' external DOCTYPE is tolerated (never fetched); a DOCTYPE after a comment is not."""
+    text = _muse()
+    declared = re.sub(
+        r"(<\?xml[^>]*\?>)", r'\1\n<!DOCTYPE RestingECG SYSTEM "http://127.0.0.1:9/restecg.dtd">', text
+    )
+    assert muse.read(declared.encode(), LIMITS).signal.shape == (5000, 8)
+    hidden = re.sub(r"(<\?xml[^>]*\?>)", r'\1<!-- x --><!DOCTYPE RestingECG SYSTEM "restecg.dtd">', text)
+    assert _bounded(muse.read, hidden.encode()) == "unsafe_xml"
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda t: t.replace("<SampleExponent>0<", "<SampleExponent>400000<", 1), "bad_fs"),
+        (lambda t: t.replace("<SampleBase>500<", "<SampleBase>1e400<", 1), "bad_fs"),
+        (
+            lambda t: t.replace("<LeadAmplitudeUnitsPerBit>4.88<", "<LeadAmplitudeUnitsPerBit>1e300<", 1),
+            "non_numeric",
+        ),
+        (lambda t: re.sub(r"<LeadByteCountTotal>\d+<", "<LeadByteCountTotal>7<", t, count=1), "unreadable"),
+        (lambda t: t.replace("<LeadData>", "<x>" * 100 + "</x>" * 100 + "<LeadData>", 1), "unreadable"),
+    ],
+    ids=["exponent", "base", "amplitude", "byte count", "nesting"],
+)
+def test_muse_xml_numbers_and_structure_are_bounded(edit: Any, reason: str) -> None:
+    """Rate parts, amplitude per bit, stated byte counts and nesting depth are checked before use."""
+    assert _bounded(muse.read, edit(_muse()).encode()) == reason
+
+
+def test_muse_xml_waveform_size_is_checked_before_base64_decoding() -> None:
+    """A lead whose base64 would decode to more than 60 s of samples is refused without decoding it."""
+    text = _muse()
+    huge = base64.b64encode(bytes(2 * 500 * 61)).decode()
+    start = text.index("<WaveFormData>", text.index("Rhythm")) + len("<WaveFormData>")
+    doc = text[:start] + huge + text[text.index("</WaveFormData>", start) :]
+    assert _bounded(muse.read, doc.encode()) == "too_long"
+
+
+def test_sampled_data_is_capped_before_it_is_all_parsed() -> None:
+    """10 M tokens of data: refused after one chunk (too_long), not after splitting 10 M strings."""
+    sampled = {"origin": {"value": 0, "code": "uV"}, "period": 2, "data": "1 " * 10_000_000}
+    assert _bounded(read_components, [_component("I", sampled)], seconds=1.0, mb=48) == "too_long"
+    assert (
+        _bounded(lambda c, lim: read_components(c, _lead_of, lim), [_component("I", sampled)]) == "too_long"
+    )
+
+
+@pytest.mark.parametrize(
+    ("sampled", "reason"),
+    [
+        ({"origin": {"value": 0, "code": "uV"}, "period": 2, "data": "1" * 5000}, "non_numeric"),
+        ({"origin": {"value": 0, "code": "uV"}, "period": 2, "factor": 1e300, "data": "1 2"}, "non_numeric"),
+        ({"origin": {"value": 1e300, "code": "uV"}, "period": 2, "data": "1 2"}, "non_numeric"),
+        ({"origin": {"value": 0, "code": "uV"}, "period": "nan", "data": "1 2"}, "non_numeric"),
+        (
+            {"origin": {"value": 0, "code": "uV"}, "period": 2, "dimensions": 10**400, "data": "1 2"},
+            "non_numeric",
+        ),
+    ],
+    ids=["long token", "factor", "origin", "nan period", "dimensions"],
+)
+def test_sampled_data_numbers_are_bounded(sampled: dict[str, object], reason: str) -> None:
+    """Tokens, factor, origin, period and dimensions beyond their bounds are refused by name."""
+    assert _bounded(lambda c, lim: read_components(c, _lead_of, lim), [_component("I", sampled)]) == reason
+
+
+def test_sampled_data_total_samples_across_leads_is_capped() -> None:
+    """12 leads each within the per-lead limit but together beyond max_cells → too_long, early."""
+    limits = ReadLimits(max_unpacked_bytes=8 * 100_000)  # 100 000 samples in all
+    leads = [
+        _component(lead, {"origin": {"value": 0, "code": "uV"}, "period": 2, "data": "1 " * 20_000})
+        for lead in MODEL_LEADS
+    ]
+    assert _bounded(lambda c, lim: read_components(c, _lead_of, lim), leads, limits) == "too_long"
+    with pytest.raises(EcgRejected) as info:
+        read_components([_component("I", {"period": 2, "data": "1"})] * 2000, _lead_of, LIMITS)
+    assert info.value.reason == "too_long"

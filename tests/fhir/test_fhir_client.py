@@ -240,8 +240,8 @@ def test_deadline_already_passed_sends_nothing() -> None:
 # --------------------------------------------------------------------------- paging
 
 
-def test_search_follows_next_links_on_the_same_origin() -> None:
-    """Paging: Bundle.link[next] (relative or absolute, same scheme/host/port) is followed."""
+def test_search_follows_next_links_under_the_base() -> None:
+    """Paging: Bundle.link[next] (relative or absolute, under the base path) is followed."""
     seen: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -273,26 +273,114 @@ def test_search_stops_at_max_pages() -> None:
     assert [r["id"] for r in found] == ["o1", "o2"] and seen == ["1", "2"]
 
 
-@pytest.mark.parametrize(
-    "next_url",
-    [
-        "https://evil.example.com/fhir/Observation?page=2",
-        "http://ehr.example.org/fhir/Observation?page=2",  # other scheme
-        "https://ehr.example.org:8443/fhir/Observation?page=2",  # other port
-    ],
-)
-def test_search_never_follows_next_link_off_origin(next_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    """A next link to another origin is not requested (the bearer token would go there)."""
+OUTSIDE_THE_BASE = {
+    "other host": "https://evil.example.com/fhir/Observation?page=2",
+    "other scheme": "http://ehr.example.org/fhir/Observation?page=2",
+    "other port": "https://ehr.example.org:8443/fhir/Observation?page=2",
+    "other path": "https://ehr.example.org/admin/Observation?page=2",
+    "path sharing the prefix's letters": "https://ehr.example.org/fhir-admin/Observation?page=2",
+    "root-relative": "/Observation?page=2",
+    "relative upwards": "../admin/Observation?page=2",
+    "literal dot segments out": "https://ehr.example.org/fhir/../admin/Observation",
+    "encoded dot-dot": "https://ehr.example.org/fhir/%2e%2e/admin/Observation",
+    "mixed-case encoded dot-dot": "https://ehr.example.org/fhir/.%2E/admin/Observation",
+    "encoded dot": "https://ehr.example.org/fhir/%2E/Observation",
+    "encoded slash": "https://ehr.example.org/fhir/..%2fadmin/Observation",
+    "encoded backslash": "https://ehr.example.org/fhir/..%5Cadmin/Observation",
+    "backslash": "https://ehr.example.org/fhir/..\\admin/Observation",
+    "user info": "https://user:pw@ehr.example.org/fhir/Observation?page=2",
+    "protocol-relative": "//evil.example.com/fhir/Observation",
+}
+"""Next links and attachment URLs the token must never be sent to (base: https://ehr.example.org/fhir)."""
+
+
+@pytest.mark.parametrize("case", list(OUTSIDE_THE_BASE))
+def test_search_never_follows_next_link_outside_the_base(case: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A next link outside the fhirServer base path is not requested (the bearer token would go there)."""
     seen: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(str(request.url))
-        return _json(_bundle([_obs(1)], next_url))
+        return _json(_bundle([_obs(1)], OUTSIDE_THE_BASE[case]))
 
     with caplog.at_level(logging.WARNING, logger="cds_service.fhir_client"), _client(handler) as client:
         assert [r["id"] for r in client.search("Observation", [])] == ["o1"]
-    assert len(seen) == 1
-    assert "another origin" in caplog.text
+    assert seen == [f"{BASE}/Observation"]
+    assert "outside the FHIR server's base" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "Binary/1",
+        f"{BASE}/Binary/1",
+        f"{BASE}/./Binary/1",
+        f"{BASE}/x/../Binary/1",
+        "https://EHR.example.org:443/fhir/Binary/1",
+        f"{BASE}/Observation?page=2&_getpages=..%2F..",  # the query is the server's, not a path
+        BASE,
+    ],
+)
+def test_urls_under_the_base_are_in_scope(url: str) -> None:
+    """Relative references, default ports, host case and resolvable dot segments stay in scope."""
+    with _client(lambda r: _json({})) as client:
+        target = client.scoped(url)
+    assert target is not None and str(target).startswith(BASE)
+    assert ".." not in target.path
+
+
+def test_scope_of_a_base_at_the_server_root_is_the_whole_origin() -> None:
+    with FhirClient("https://ehr.example.org/") as client:
+        assert client.base_url == "https://ehr.example.org"
+        assert str(client.scoped("Binary/1")) == "https://ehr.example.org/Binary/1"
+        assert client.scoped("https://ehr.example.org/any/Binary/1") is not None
+        assert client.scoped("https://ehr.example.org/%2e%2e/Binary/1") is None
+        assert client.scoped("https://ehr.example.org:444/Binary/1") is None
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        "https://ehr.example.org/fhir/%2e%2e/admin",
+        "https://u:p@ehr.example.org/fhir",
+        "ftp://ehr.example.org/",
+    ],
+)
+def test_a_base_url_with_encoded_dots_or_credentials_is_refused(base: str) -> None:
+    with pytest.raises(InputError, match="base URL"):
+        FhirClient(base)
+
+
+def test_next_pages_continues_a_prefetched_bundle_within_the_page_cap() -> None:
+    """A prefetched Bundle's next link is fetched with the token; paging continues up to ``pages``."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        n = int(request.url.params["page"])
+        return _json(_bundle([_obs(n), _obs(1)], f"{BASE}/Observation?page={n + 1}"))
+
+    with _client(handler) as client:
+        found = client.next_pages("Observation", f"{BASE}/Observation?page=2", pages=2)
+    assert [r["id"] for r in found] == ["o2", "o1", "o3"]
+    assert [r.url.params["page"] for r in seen] == ["2", "3"]
+    assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in seen)
+    with _client(handler) as client:
+        assert client.next_pages("Observation", f"{BASE}/Observation?page=2", pages=0) == []
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("case", list(OUTSIDE_THE_BASE))
+def test_next_pages_never_requests_a_link_outside_the_base(
+    case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise AssertionError(f"no request expected, got one to {request.url}")
+
+    with caplog.at_level(logging.WARNING, logger="cds_service.fhir_client"), _client(handler) as client:
+        assert client.next_pages("Observation", OUTSIDE_THE_BASE[case], pages=3) == []
+    assert "outside the FHIR server's base" in caplog.text
+    assert "evil" not in caplog.text and "admin" not in caplog.text  # no URL in the log
 
 
 def test_search_returns_only_matches_of_the_asked_type() -> None:
@@ -336,14 +424,16 @@ def test_get_binary_accepts_raw_bytes() -> None:
         assert client.get_binary(f"{BASE}/Binary/2", 100) == b"\x00DICM"
 
 
-def test_get_binary_refuses_other_origins() -> None:
-    """Attachment URLs off the FHIR server's origin are never fetched."""
+@pytest.mark.parametrize("case", [*OUTSIDE_THE_BASE, "other host's Binary"])
+def test_get_binary_refuses_urls_outside_the_base(case: str) -> None:
+    """Attachment URLs and Binary references outside the fhirServer base path are never fetched."""
+    url = OUTSIDE_THE_BASE.get(case, "https://cdn.example.net/fhir/Binary/1")
 
     def handler(request: httpx.Request) -> httpx.Response:
         raise AssertionError("no request expected")
 
-    with _client(handler) as client, pytest.raises(FhirError, match="origin"):
-        client.get_binary("https://cdn.example.net/ecg.zip", 100)
+    with _client(handler) as client, pytest.raises(FhirError, match="outside the FHIR server's base"):
+        client.get_binary(url, 100)
 
 
 @pytest.mark.parametrize(

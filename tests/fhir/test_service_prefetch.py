@@ -129,19 +129,22 @@ def test_date_filters_follow_fhir_mappings_windows() -> None:
 def test_the_date_filter_is_computed_from_the_given_clock() -> None:
     """A bound query's date filter moves with ``now`` (UTC, ``Z``), placed before ``_sort``/``_count``."""
     ecg = next(q for q in QUERIES if q.key == "ecgObservations")
+    age = timedelta(minutes=MAPPINGS.ecg.max_age_minutes)
     assert ecg.bind("p1", NOW)[2:] == [
-        ("date", "ge2025-05-31T12:00:00Z"),
+        ("date", "ge" + (NOW - age).strftime("%Y-%m-%dT%H:%M:%SZ")),
         ("_sort", "-date"),
         ("_count", "5"),
     ]
     later = NOW + timedelta(hours=5, minutes=7)
-    assert ("date", "ge2025-05-31T17:07:00Z") in ecg.bind("p1", later)
+    assert ("date", "ge" + (later - age).strftime("%Y-%m-%dT%H:%M:%SZ")) in ecg.bind("p1", later)
+    if age == timedelta(minutes=120):  # the shipped ecg.yaml: the literal instants, written out
+        assert ("date", "ge2025-06-01T15:07:00Z") in ecg.bind("p1", later)
     in_berlin = later.astimezone(ZoneInfo("Europe/Berlin"))
     assert ecg.bind("p1", in_berlin) == ecg.bind("p1", later)
     labs = LABS.bind("p1", NOW)
     assert ("date", "ge2025-05-25T12:00:00Z") in labs
     media = next(q for q in QUERIES if q.key == "ecgMedia")
-    assert ("created", "ge2025-05-31T12:00:00Z") in media.bind("p1", NOW)
+    assert ("created", "ge" + (NOW - age).strftime("%Y-%m-%dT%H:%M:%SZ")) in media.bind("p1", NOW)
     orders = next(q for q in QUERIES if q.key == "orders")
     assert orders.bind("p1", NOW) == orders.bind("p1", None)
 
@@ -170,3 +173,51 @@ def test_a_query_is_a_read_or_a_search() -> None:
         "x", "ecgs", "Media", (("subject", "Patient/{{context.patientId}}"), ("_count", "5"))
     )
     assert query.template() == "Media?subject=Patient/{{context.patientId}}&_count=5"
+
+
+# -- Bundles cut after their first page --------------------------------------------------------------------
+
+
+def paged(resources: list[dict[str, Any]], next_url: str | None) -> dict[str, Any]:
+    """A searchset Bundle of ``resources`` with a ``next`` link when ``next_url`` is given."""
+    value = bundle(*resources)
+    value["link"] = [{"relation": "self", "url": "https://ehr.example.org/fhir/X?page=1"}]
+    if next_url is not None:
+        value["link"].append({"relation": "next", "url": next_url})
+    return value
+
+
+def test_a_bundle_with_a_next_link_is_an_answer_that_keeps_its_link() -> None:
+    """The first page satisfies the key; its next link is kept for the fetcher to continue."""
+    page_two = "https://ehr.example.org/fhir/ServiceRequest?_getpages=abc&_offset=100"
+    order = lab_order("ntprobnp", "sr-1")
+    decoded = decode_prefetch(
+        {"patient": patient(), "orders": paged([order], page_two), "labs": paged([OBSERVATION], None)},
+        QUERIES,
+    )
+    assert decoded.resources == {"patient": [patient()], "orders": [order], "labs": [OBSERVATION]}
+    assert decoded.next_pages == decoded.resources.next_pages == {"orders": page_two}
+    assert "orders" not in decoded.missing
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (paged([OBSERVATION], "  "), "a blank next link"),
+        ({**paged([OBSERVATION], None), "link": [{"relation": "next"}]}, "a next link without url"),
+        ({**paged([OBSERVATION], None), "link": {"relation": "next", "url": "x"}}, "link not a list"),
+        ({**paged([ERROR], "https://ehr.example.org/fhir/Observation?page=2")}, "an error outcome"),
+        (None, "null"),
+    ],
+)
+def test_no_next_page_is_kept_for_unusable_links_or_values(value: Any, why: str) -> None:
+    decoded = decode_prefetch({"labs": value}, QUERIES)
+    assert decoded.next_pages == {}, why
+
+
+def test_the_patient_read_never_pages() -> None:
+    """A Patient read answered as a Bundle with a next link: the read is complete, nothing to follow."""
+    decoded = decode_prefetch(
+        {"patient": paged([patient()], "https://ehr.example.org/fhir/Patient?p=2")}, QUERIES
+    )
+    assert decoded.resources == {"patient": [patient()]} and decoded.next_pages == {}

@@ -2,35 +2,55 @@
 
 These call :func:`cds_service.cards.build_cards` directly with hand-made predictions and inputs,
 so each rule is pinned without the HTTP layer; every card is also validated against the schema's
-``serviceResponse`` definition.
+``serviceResponse`` definition. The rules of issue 15 ("what a card claims must be true") are pinned
+here too: claims anchored to the ECG's time and stated only while their window is open, in clock
+time with the ECG's age; forecasts never worded as "turning" abnormal; "calibrated" and the test
+fold's AUROC stated only as the manifest backs them; the card gate on the validation fold's CI.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import re
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
 import pytest
 
-from cds_service.cards import CardContext, ModelFacts, build_cards, pick_indicator, summary_text, topic_code
+from cds_service import cards as cards_module
+from cds_service.cards import (
+    CardContext,
+    ModelFacts,
+    TargetFacts,
+    Timeline,
+    build_cards,
+    ecg_zone,
+    pick_indicator,
+    summary_text,
+    topic_code,
+    validated,
+)
 from cds_service.features import EcgRecord, ModelInputs, PatientData
 from cds_service.settings import Settings, parse_indicator_map
 from fhir_mappings import load_mappings
+from fhir_mappings.manifest import LabelSpec
+from fhir_mappings.tasks import TASKS
 from tests.service_fixtures import PATIENT_ID, assert_schema_valid, lab_order, lab_result, prediction
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 MAPPINGS = load_mappings()
 
 
-def inputs() -> ModelInputs:
-    """ModelInputs with an ECG from Media/ecg-77, sex, age and heart rate present, the rest missing."""
+def inputs(age: timedelta = timedelta(minutes=20)) -> ModelInputs:
+    """ModelInputs with an ECG from Media/ecg-77 ``age`` before NOW, sex, age and heart rate present."""
     ecg = EcgRecord(
         signal=np.zeros((1000, 12), dtype=np.float32),
         fs=100.0,
         lead_names=tuple(MAPPINGS.ecg.lead_order),
-        recorded_at=NOW - timedelta(minutes=20),
+        recorded_at=NOW - age,
         reference="Media/ecg-77",
         carrier="media",
     )
@@ -65,17 +85,19 @@ def cards_for(
     data: PatientData | None = None,
     ctx: CardContext | None = None,
     synthetic: bool = False,
+    ecg_age: timedelta = timedelta(minutes=20),
+    model: ModelFacts | None = None,
     **settings: Any,
 ) -> list[dict[str, Any]]:
-    """Build the cards for ``predictions`` and validate them against the schema."""
+    """Build the cards for ``predictions`` (ECG ``ecg_age`` old at NOW) and validate them against the schema."""
     built = build_cards(
         predictions,
-        inputs=inputs(),
+        inputs=inputs(ecg_age),
         data=data or PatientData(patient=None),
         ctx=ctx or context(),
         mappings=MAPPINGS,
         settings=Settings.from_mapping({"auth": False, **settings}),
-        model=ModelFacts("ecglab", "1.2.3", synthetic),
+        model=model or ModelFacts("ecglab", "1.2.3", synthetic),
     )
     cards = [b.card for b in built]
     assert_schema_valid("serviceResponse", {"cards": cards})
@@ -105,27 +127,40 @@ def test_no_card_below_the_decision_threshold() -> None:
 
 
 @pytest.mark.parametrize(
-    ("task", "phrase"),
+    ("task", "claim"),
     [
-        ("est", "likely abnormally high now"),
-        ("mon30", "within 30 min"),
-        ("mon60", "within 60 min"),
-        ("mon120", "within 120 min"),
+        (
+            "est",
+            "likely abnormally high around the time of the ECG (10:40–12:40 UTC; ECG at 11:40, 20 min ago)",
+        ),
+        (
+            "mon30",
+            "likely abnormally high at least once between 11:40 and 12:10 UTC (ECG at 11:40, 20 min ago)",
+        ),
+        (
+            "mon60",
+            "likely abnormally high at least once between 11:40 and 12:40 UTC (ECG at 11:40, 20 min ago)",
+        ),
+        (
+            "mon120",
+            "likely abnormally high at least once between 11:40 and 13:40 UTC (ECG at 11:40, 20 min ago)",
+        ),
     ],
 )
-def test_summary_names_the_test_and_when(task: str, phrase: str) -> None:
-    """§5: summary < 140 chars naming the test and whether it is abnormal now or within 30/60/120 min."""
+def test_summary_names_the_test_and_its_claim_in_clock_time(task: str, claim: str) -> None:
+    """§5 and issue 15: the summary names the test and the claim's window in clock time with the ECG's age."""
     [card] = cards_for([prediction("hemoglobin", 0.9, task=task)])
-    assert card["summary"].startswith("Consider Hemoglobin")
-    assert phrase in card["summary"]
+    assert card["summary"] == f"Consider Hemoglobin: {claim}"
     assert len(card["summary"]) < 140
 
 
 def test_summary_shortens_long_test_names_to_fit() -> None:
-    """§5 "Emit ≤ 139 characters" even for a very long display name."""
-    text = summary_text("X" * 300, prediction("ntprobnp", 0.9, task="mon120"), synthetic=True)
+    """§5 "Emit ≤ 139 characters" even for a very long display name: the compact claim, the name cut."""
+    timeline = Timeline(NOW - timedelta(minutes=20), NOW)
+    text = summary_text("X" * 300, prediction("ntprobnp", 0.9, task="mon120"), timeline, synthetic=True)
     assert len(text) <= 139
-    assert text.startswith("[DEMO] Consider XXX") and text.endswith("within 120 min (ECG model)")
+    assert text.startswith("[DEMO] Consider XXX") and "…: " in text
+    assert text.endswith("likely abnormally high at least once by 13:40 UTC (ECG 20 min ago)")
 
 
 def test_indicator_follows_the_severity_and_probability_map() -> None:
@@ -189,10 +224,12 @@ def test_requester_only_for_practitioner_users() -> None:
 
 
 def test_detail_explains_probability_threshold_inputs_and_model() -> None:
-    """Brief: detail gives probability, threshold, horizon, the inputs with their sources, and the model version."""
+    """Brief: detail gives probability, threshold, claim window, the inputs with their sources, and the model version."""
     [card] = cards_for([prediction("ntprobnp", 0.83, threshold=0.41, task="mon60")])
     detail = card["detail"]
-    assert "0.83" in detail and "0.41" in detail and "within 60 min" in detail
+    assert "0.83" in detail and "0.41" in detail
+    assert "| high (> 100 pg/mL), already or within the next 60 min | 11:40–12:40 |" in detail
+    assert "- 12-lead ECG recorded 2026-03-01 11:40 UTC (Media/ecg-77)" in detail
     assert "Heart rate: 112.0 /min (Observation/hr-9)" in detail
     assert "Age: 67 years (Patient record)" in detail
     assert "Body temperature: missing" in detail
@@ -255,9 +292,8 @@ def test_most_urgent_cards_first_up_to_the_maximum() -> None:
 
 
 def test_targets_without_demonstrated_auroc_give_no_card() -> None:
-    """Only targets whose test AUROC CI lower bound exceeds ECGLAB_MIN_AUROC (0.70) are recommended."""
-    from dataclasses import replace
-
+    """Only targets whose AUROC CI lower bound exceeds ECGLAB_MIN_AUROC (0.70) are recommended (an old
+    manifest with only the test fold's bound is gated on it)."""
     weak = replace(prediction("potassium", 0.9, threshold=0.5), auroc=0.62, auroc_ci_low=0.55)
     strong = replace(prediction("ntprobnp", 0.9, threshold=0.5), auroc=0.93, auroc_ci_low=0.88)
     unknown = prediction("hemoglobin", 0.9, threshold=0.5)  # no CI in the manifest: trusted
@@ -266,3 +302,217 @@ def test_targets_without_demonstrated_auroc_give_no_card() -> None:
     assert labs == {"ntprobnp", "hemoglobin"}
     assert len(cards_for([weak], min_auroc=0.0)) == 1  # 0 turns the filter off
     assert cards_for([weak], min_auroc=0.5)  # 0.55 > 0.5
+
+
+# -- issue 15: what a card claims must be true ---------------------------------------------------------
+
+EXT = "org.ecglab.prediction"
+
+
+def every_claim(lab_key: str = "potassium", direction: str = "high") -> list[Any]:
+    """The lab's estimate and its three forecasts, every one above its decision threshold."""
+    return [prediction(lab_key, 0.9, task=task, direction=direction) for task in TASKS]
+
+
+def test_a_5_hour_old_ecg_gives_no_card() -> None:
+    """Every claim of a 5-hour-old ECG is about the past (the longest window ends 120 min after it)."""
+    assert cards_for(every_claim(), ecg_age=timedelta(hours=5)) == []
+
+
+def test_an_ecg_100_min_old_gives_only_the_mon120_claim() -> None:
+    """100 min after the ECG only the 120-min forecast's window is open: the card states that claim alone."""
+    [card] = cards_for(every_claim(), ecg_age=timedelta(minutes=100))
+    assert card["extension"][EXT]["horizons"] == [120]
+    assert card["extension"][EXT]["claimWindow"] == {
+        "start": "2026-03-01T10:20:00Z",
+        "end": "2026-03-01T12:20:00Z",
+    }
+    assert card["summary"] == (
+        "Consider Potassium: likely abnormally high at least once between 10:20 and 12:20 UTC "
+        "(ECG at 10:20, 100 min ago)"
+    )
+    detail = card["detail"]
+    assert "already or within the next 120 min | 10:20–12:20 |" in detail
+    assert "around the ECG |" not in detail and "next 30 min" not in detail and "next 60 min" not in detail
+
+
+@pytest.mark.parametrize(
+    ("age_min", "open_horizons"),
+    [
+        (0, [0, 30, 60, 120]),
+        (30, [0, 30, 60, 120]),
+        (31, [0, 60, 120]),
+        (60, [0, 60, 120]),
+        (61, [120]),
+        (120, [120]),
+    ],
+)
+def test_a_claim_is_stated_only_while_its_window_is_open(age_min: int, open_horizons: list[int]) -> None:
+    """Windows are inclusive (est: ECG ± 60 min; monN: ECG to ECG + N min); the lead is the most urgent open one."""
+    [card] = cards_for(every_claim(), ecg_age=timedelta(minutes=age_min))
+    assert card["extension"][EXT]["horizons"] == open_horizons
+    lead_is_estimate = open_horizons[0] == 0
+    assert ("around the time of the ECG" in card["summary"]) == lead_is_estimate
+    assert cards_for(every_claim(), ecg_age=timedelta(minutes=121)) == []
+
+
+def test_the_window_text_uses_clock_times_and_the_ecg_age() -> None:
+    """Clock time on the ECG's own offset (else UTC, said so), the day when not today, and the ECG's age."""
+    media = {"resourceType": "Media", "id": "ecg-77", "createdDateTime": "2026-03-01T13:40:00+02:00"}
+    data = PatientData(patient=None, ecgs=[media])
+    [card] = cards_for([prediction("hemoglobin", 0.9, task="mon120")], data=data)
+    assert card["summary"] == (
+        "Consider Hemoglobin: likely abnormally high at least once between 13:40 and 15:40 (ECG at 13:40, 20 min ago)"
+    )
+    assert "- 12-lead ECG recorded 2026-03-01 13:40 (UTC+02:00) (Media/ecg-77)" in card["detail"]
+
+    late = Timeline(datetime(2026, 2, 28, 23, 50, tzinfo=UTC), datetime(2026, 3, 1, 0, 30, tzinfo=UTC))
+    estimate = summary_text(
+        "Sodium", prediction("sodium", 0.9, task="est", direction="low"), late, synthetic=False
+    )
+    assert estimate == (
+        "Consider Sodium: likely abnormally low around the time of the ECG "
+        "(28 Feb 22:50–00:50 UTC; ECG at 28 Feb 23:50, 40 min ago)"
+    )
+    forecast = summary_text("Sodium", prediction("sodium", 0.9, task="mon120"), late, synthetic=False)
+    assert "at least once between 28 Feb 23:50 and 01:50 UTC (ECG at 28 Feb 23:50, 40 min ago)" in forecast
+    skewed = Timeline(NOW + timedelta(minutes=2), NOW)  # an ECG stamped ahead of our clock
+    assert summary_text("Sodium", prediction("sodium", 0.9, task="mon30"), skewed, synthetic=False).endswith(
+        "(ECG at 12:02, just now)"
+    )
+
+
+def test_the_ecg_clock_is_the_offset_its_fhir_time_was_written_in() -> None:
+    """The zone is read back from the very time string the ECG was dated by; no offset or no match → UTC."""
+    at = datetime(2026, 3, 1, 11, 40, tzinfo=UTC)
+    media = {"resourceType": "Media", "id": "ecg-77", "createdDateTime": "2026-03-01T13:40:00+02:00"}
+    assert ecg_zone([media], "Media/ecg-77", at).utcoffset(None) == timedelta(hours=2)
+    observation = {
+        "resourceType": "Observation",
+        "id": "o",
+        "effectivePeriod": {"start": "2026-03-01T06:40:00-05:00"},
+    }
+    assert ecg_zone([observation], "Observation/o", at).utcoffset(None) == timedelta(hours=-5)
+    for resources, ref in (
+        ([{**media, "createdDateTime": "2026-03-01T11:40:00"}], "Media/ecg-77"),  # no offset: UTC
+        ([media], "Media/other"),  # another resource
+        ([{**media, "createdDateTime": "2026-03-01T13:41:00+02:00"}], "Media/ecg-77"),  # another instant
+    ):
+        assert ecg_zone(resources, ref, at).utcoffset(None) == timedelta(0)
+
+
+TIMELINES = {
+    "today, UTC": Timeline(NOW - timedelta(minutes=20), NOW),
+    "across midnight, 120 min": Timeline(
+        datetime(2026, 2, 28, 23, 0, tzinfo=UTC), datetime(2026, 3, 1, 1, 0, tzinfo=UTC)
+    ),
+    "own offset, across midnight": Timeline(
+        datetime(2026, 2, 28, 18, 5, tzinfo=UTC),
+        datetime(2026, 2, 28, 19, 4, tzinfo=UTC),
+        timezone(timedelta(hours=5, minutes=30)),
+    ),
+}
+
+
+@pytest.mark.parametrize("when", list(TIMELINES))
+def test_summaries_fit_140_characters_for_every_lab(when: str) -> None:
+    """CDS Hooks: summary < 140 characters, for every lab of labs.yaml, every task and direction, with
+    [DEMO], the day and "UTC" in the text; no name of labs.yaml needs shortening."""
+    timeline = TIMELINES[when]
+    for lab in MAPPINGS.labs:
+        for task in TASKS:
+            for direction in ("high", "low"):
+                text = summary_text(
+                    lab.display,
+                    prediction(lab.key, 0.9, task=task, direction=direction),
+                    timeline,
+                    synthetic=True,
+                )
+                assert len(text) <= 139, text
+                assert text.startswith(f"[DEMO] Consider {lab.display}: likely abnormally {direction}"), text
+
+
+def test_no_turn_abnormal_anywhere_in_card_text() -> None:
+    """A monitoring label is positive when the lab is already abnormal: forecasts say "already or within"."""
+    for direction in ("high", "low"):
+        for task in TASKS:
+            [card] = cards_for(
+                [prediction("troponin_t", 0.9, task=task, direction=direction)], synthetic=True
+            )
+            text = json.dumps(card, ensure_ascii=False)
+            assert not re.search(r"\bturn(s|ing)? abnormal", text, re.IGNORECASE), text
+            if task != "est":
+                assert "already or within the next" in card["detail"]
+                assert "at least once" in card["summary"]
+
+
+def labelled(prediction_: Any, **fields: Any) -> TargetFacts:
+    """The TargetFacts of a manifest label for ``prediction_``'s target with ``fields``."""
+    label = LabelSpec.model_validate(
+        {
+            "target": prediction_.target,
+            "label": prediction_.label,
+            "lab_key": prediction_.lab_key,
+            "order_code": None,
+            "direction": prediction_.direction,
+            "task": prediction_.task,
+            "horizon_min": prediction_.horizon_min,
+            "value_threshold": prediction_.value_threshold,
+            "unit": prediction_.unit,
+            "decision_threshold": prediction_.decision_threshold,
+            "threshold_rule": "youden",
+            **fields,
+        }
+    )
+    return TargetFacts.from_label(label)
+
+
+def test_cards_say_calibrated_and_report_the_test_fold_auroc_only_as_the_manifest_does() -> None:
+    """The probability is "calibrated" only with a real calibration map; the AUROC shown is the test fold's with its CI."""
+    p = prediction("ntprobnp", 0.9, task="mon30")
+    figures = {"auroc": 0.87, "ci_low": 0.84, "ci_high": 0.9, "auroc_fold": "test", "threshold_fold": "val"}
+    platt = labelled(p, calibration={"method": "platt", "params": {"a": 1.0, "b": 0.0}}, **figures)
+    identity = labelled(p, calibration={"method": "identity"}, **figures)
+    assert platt.calibrated and not identity.calibrated and not labelled(p).calibrated
+
+    [card] = cards_for([p], model=ModelFacts("ecglab", "1.2.3", False, {p.target: platt}))
+    detail = card["detail"]
+    assert (
+        "calibrated probability 0.90, above the decision threshold 0.50 chosen on the validation fold"
+        in detail
+    )
+    assert "Test-fold AUROC 0.87 (95 % CI 0.84–0.90)" in detail
+    assert "| 0.90 | 0.50 | 0.87 (95 % CI 0.84–0.90) |" in detail and "AUROC (test fold)" in detail
+    assert card["extension"][EXT]["calibrated"] is True
+
+    [raw] = cards_for([p], model=ModelFacts("ecglab", "1.2.3", False, {p.target: identity}))
+    assert "calibrated probability" not in raw["detail"]
+    assert "model score 0.90 (uncalibrated, not a probability)" in raw["detail"]
+    assert "| 0.90 (uncalibrated) |" in raw["detail"] and raw["extension"][EXT]["calibrated"] is False
+
+
+def test_gate_uses_the_validation_fold_ci() -> None:
+    """ECGLAB_MIN_AUROC is compared with the validation fold's CI lower bound, never the test fold's."""
+    base = prediction("potassium", 0.9)
+    val_strong = replace(base, auroc_ci_low=0.55, auroc_val_ci_low=0.78)
+    val_weak = replace(base, auroc_ci_low=0.88, auroc_val_ci_low=0.62)
+    assert validated(val_strong, 0.7) and not validated(val_weak, 0.7)
+    assert len(cards_for([val_strong])) == 1
+    assert cards_for([val_weak]) == []
+
+
+def test_gate_on_an_old_manifest_uses_the_test_fold_and_logs_it_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A manifest without validation figures keeps its test-fold gate, and the log says so once per process."""
+    old = replace(prediction("potassium", 0.9), auroc_ci_low=0.75)
+    cards_module._log_test_fold_gate.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="cds_service.cards"):
+        assert validated(old, 0.7) and not validated(old, 0.8)
+        assert validated(replace(old, auroc_val_ci_low=0.9), 0.7)
+    assert sum("test-fold" in r.getMessage() for r in caplog.records) == 1
+    cards_module._log_test_fold_gate.cache_clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cds_service.cards"):
+        validated(replace(old, auroc_val_ci_low=0.9), 0.7)
+    assert not caplog.records

@@ -18,9 +18,9 @@ import pandas as pd
 import pytest
 
 from cds_service.cli import main
+from fhir_mappings.calibration import Calibration, Calibrator
 from model_training.config import EvalConfig
 from model_training.evaluate import evaluate
-from fhir_mappings.calibration import Calibration, Calibrator
 from model_training.metrics import roc_auc
 from model_training.thresholds import choose_threshold
 from tests.training_fixtures import PLANTED, TARGETS, TinyRun

@@ -142,3 +142,48 @@ def test_export_refuses_to_overwrite_without_force(
     _, run = evaluated_run
     assert main(["export", "--run", str(run), "--out", str(exported), "--version", "9.9.9-test"]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_manifest_records_calibration_rule_and_folds(
+    exported: Path, evaluated_run: tuple[Path, Path]
+) -> None:
+    """Issue 15: per label the val-fold calibration, threshold fold, val AUROC + CI (the card gate) and
+    the test-fold AUROC (auroc_fold); the manifest names the threshold and abnormality rules."""
+    _, run = evaluated_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    manifest = load_manifest(exported / "ecglab-9.9.9-test.manifest.json")
+    assert manifest.threshold_rule == "youden" and manifest.abnormal_rule == "strict"
+    for label in manifest.labels:
+        val = metrics["splits"]["val"]["targets"][label.target]
+        assert label.calibration is not None and label.calibration.fold == "val"
+        fitted = metrics["calibration"]["targets"][label.target]["calibration"]
+        assert label.calibration.model_dump(mode="json") == fitted
+        assert label.threshold_fold == "val" and label.auroc_fold == "test"
+        assert (label.auroc_val, label.auroc_val_ci_low, label.auroc_val_ci_high) == (
+            val["auroc"],
+            val["ci_low"],
+            val["ci_high"],
+        )
+    evaluation = _manifest(exported)["evaluation"]
+    assert evaluation["threshold_fold"] == "val" and "est" in evaluation["calibration"]
+
+
+def test_runtime_and_score_report_calibrated_probabilities(
+    exported: Path, evaluated_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The service's runtime and ``ecglab score`` give the calibrated probabilities evaluate reported;
+    the raw network output is kept as raw_probability."""
+    data, run = evaluated_run
+    out = tmp_path / "scores.parquet"
+    assert main(["score", "--model", str(exported), "--data", str(data), "--out", str(out)]) == 0
+    scores = pd.read_parquet(out).set_index("study_id")
+    evaluated = pd.read_parquet(run / "predictions_test.parquet").set_index("study_id")
+    raw = pd.read_parquet(run / "predictions_test_raw.parquet").set_index("study_id")
+    np.testing.assert_allclose(scores.loc[evaluated.index].to_numpy(), evaluated.to_numpy(), atol=1e-4)
+    runtime = ModelRuntime.load(exported)
+    first = raw.iloc[0].to_numpy(dtype=np.float32)
+    predictions = runtime.to_predictions(first)
+    np.testing.assert_allclose([p.probability for p in predictions], evaluated.iloc[0].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose([p.raw_probability for p in predictions], first, atol=1e-7)
+    gates = [p.gate_auroc_ci_low for p in predictions]
+    assert gates == [lab.auroc_val_ci_low for lab in runtime.manifest.labels]

@@ -27,7 +27,7 @@ __all__ = ["FORMATS", "READER_MODULES", "detect_format", "read_file"]
 
 log = logging.getLogger(__name__)
 
-READER_MODULES: tuple[str, ...] = ("dicom", "wfdb", "muse")
+READER_MODULES: tuple[str, ...] = ("dicom", "wfdb", "muse", "philips", "hl7_aecg", "scp", "edf")
 """Reader modules of this package, in sniffing order (most specific signature first)."""
 
 

@@ -3,20 +3,39 @@
 Each ``LeadData`` holds ``WaveFormData``: base64 of little-endian int16 samples, scaled by
 ``LeadAmplitudeUnitsPerBit`` in ``LeadAmplitudeUnits``; the rate is ``SampleBase ×
 10^SampleExponent``. MUSE stores I, II and V1–V6; the limb leads III, aVR, aVL and aVF are derived
-later, by :mod:`cds_service.ecg.canonical`, like for every format. Real exports carry an external
-``<!DOCTYPE RestingECG SYSTEM "restecg.dtd">`` (never fetched); a document declaring entities is
-refused (``unsafe_xml``): no entity-expansion tricks.
+later, by :mod:`cds_service.ecg.canonical`, like for every format.
+
+**Safe XML.** The document is parsed with ``defusedxml`` whatever its encoding (UTF-8, Latin-1,
+UTF-16 with or without a BOM or a truthful declaration), with nesting depth and element count
+capped (:func:`~cds_service.ecg.readers.common.parse_xml_external_dtd`). Real exports carry an
+external ``<!DOCTYPE RestingECG SYSTEM "restecg.dtd">``; that declaration is dropped unread (the
+DTD is never fetched); any other DTD, and every entity, is refused (``unsafe_xml``).
+
+**Bounded work.** Lead count (``ReadLimits.max_leads``), rate (``SampleBase`` within the accepted
+rates, ``SampleExponent`` within ±:data:`MAX_EXPONENT`, so no huge power is computed) and the
+amplitude per bit (:data:`~cds_service.ecg.readers.common.MAX_SCALE`) are checked before use; each
+lead's base64 size is checked against the sample, second and total-sample limits *before* it is
+decoded, and a stated ``LeadByteCountTotal`` must match what is decoded.
 """
 
 from __future__ import annotations
 
-import math
 import re
-from xml.etree import ElementTree
 
 import numpy as np
 
-from cds_service.ecg.readers.common import b64decode, build_recording
+from cds_service.ecg.readers._vendor_xml import head_text
+from cds_service.ecg.readers.common import (
+    MAX_SCALE,
+    b64_size,
+    b64decode,
+    bounded_float,
+    bounded_int,
+    build_recording,
+    check_counts,
+    check_fs,
+    parse_xml_external_dtd,
+)
 from cds_service.ecg.record import EcgRecording, EcgRejected, ReadLimits
 
 FORMAT = "muse-xml"
@@ -25,14 +44,16 @@ FORMAT = "muse-xml"
 UNIT_FACTORS: dict[str, float] = {"MICROVOLTS": 1e-3, "MILLIVOLTS": 1.0}
 """``LeadAmplitudeUnits`` → factor to mV."""
 
-_ROOT = re.compile(rb"<RestingECG[\s>/]")
-_SNIFF_BYTES = 4096
+MAX_EXPONENT: int = 6
+"""Largest magnitude of ``SampleExponent`` (real exports state 0)."""
+
+_ROOT = re.compile(r"<RestingECG[\s>/]")
 
 
 def sniff(data: bytes) -> bool:
-    """Whether ``data`` is XML whose root element is MUSE's ``RestingECG`` (ASCII-compatible encodings)."""
-    head = data[:_SNIFF_BYTES].lstrip(b"\xef\xbb\xbf \t\r\n")
-    return head.startswith(b"<") and _ROOT.search(head) is not None
+    """Whether ``data`` is XML whose root element is MUSE's ``RestingECG`` (any encoding, UTF-16 too)."""
+    head = head_text(data).lstrip("\ufeff \t\r\n")
+    return head.startswith("<") and _ROOT.search(head) is not None
 
 
 def read(data: bytes, limits: ReadLimits) -> EcgRecording:
@@ -40,51 +61,69 @@ def read(data: bytes, limits: ReadLimits) -> EcgRecording:
 
     Raises:
         EcgRejected: ``unsafe_xml``, ``unreadable``, ``no_waveform``, ``unknown_units``,
-            ``non_numeric``, ``wrong_length``, ``bad_fs``, ``too_long``.
+            ``non_numeric``, ``wrong_length``, ``bad_fs``, ``bad_shape``, ``too_long``.
     """
-    if b"<!ENTITY" in data:
-        raise EcgRejected("unsafe_xml", "MUSE XML declares entities; refused")
-    try:
-        root = ElementTree.fromstring(data)
-    except ElementTree.ParseError as exc:
-        raise EcgRejected("unreadable", f"MUSE XML is not well-formed ({exc})") from exc
+    root = parse_xml_external_dtd(data, "MUSE XML")
     rhythm = next(
         (w for w in root.iter("Waveform") if (w.findtext("WaveformType") or "").strip().lower() == "rhythm"),
         None,
     )
     if rhythm is None:
         raise EcgRejected("no_waveform", "MUSE XML has no Waveform with WaveformType Rhythm")
-    try:
-        fs = float(rhythm.findtext("SampleBase") or "nan") * 10 ** int(rhythm.findtext("SampleExponent") or 0)
-    except (ValueError, OverflowError) as exc:
-        raise EcgRejected("bad_fs", "MUSE SampleBase/SampleExponent are not numbers") from exc
+    base = bounded_float(rhythm.findtext("SampleBase"), "MUSE SampleBase", low=0, high=1e12, reason="bad_fs")
+    exponent = bounded_int(
+        rhythm.findtext("SampleExponent") or "0",
+        "MUSE SampleExponent",
+        low=-MAX_EXPONENT,
+        high=MAX_EXPONENT,
+        reason="bad_fs",
+        low_reason="bad_fs",
+    )
+    fs = check_fs(base * 10.0**exponent)
     columns: list[np.ndarray] = []
     names: list[str] = []
     units: list[str] = []
     for lead in rhythm.iter("LeadData"):
-        name = (lead.findtext("LeadID") or "").strip()
+        name = (lead.findtext("LeadID") or "").strip()[:32]
         where = f"MUSE lead {name or len(names) + 1}"
-        raw = b64decode(lead.findtext("WaveFormData") or "", where)
-        if len(raw) % 2:
-            raise EcgRejected("unreadable", f"{where}: odd number of bytes for int16 samples")
+        text = lead.findtext("WaveFormData") or ""
+        check_counts(len(columns) + 1, b64_size(text) // 2, fs, limits, where)
         unit = (lead.findtext("LeadAmplitudeUnits") or "").strip().upper()
         if unit not in UNIT_FACTORS:
             raise EcgRejected(
-                "unknown_units", f"{where}: LeadAmplitudeUnits {unit!r} is not MICROVOLTS/MILLIVOLTS"
+                "unknown_units", f"{where}: LeadAmplitudeUnits {unit[:32]!r} is not MICROVOLTS/MILLIVOLTS"
             )
-        try:
-            per_bit = float(lead.findtext("LeadAmplitudeUnitsPerBit") or "nan")
-        except ValueError as exc:
-            raise EcgRejected("non_numeric", f"{where}: LeadAmplitudeUnitsPerBit is not a number") from exc
-        if not math.isfinite(per_bit):
-            raise EcgRejected("non_numeric", f"{where}: LeadAmplitudeUnitsPerBit is missing")
+        per_bit = bounded_float(
+            lead.findtext("LeadAmplitudeUnitsPerBit"),
+            f"{where} LeadAmplitudeUnitsPerBit",
+            low=-MAX_SCALE,
+            high=MAX_SCALE,
+            reason="non_numeric",
+        )
+        raw = b64decode(text, where)
+        if len(raw) % 2:
+            raise EcgRejected("unreadable", f"{where}: odd number of bytes for int16 samples")
+        stated = lead.findtext("LeadByteCountTotal")
+        if stated is not None and stated.strip():
+            expected = bounded_int(
+                stated.strip(),
+                f"{where} LeadByteCountTotal",
+                low=0,
+                high=len(text),
+                reason="unreadable",
+                low_reason="unreadable",
+            )
+            if expected != len(raw):
+                raise EcgRejected(
+                    "unreadable", f"{where}: {len(raw)} sample bytes, the file states {expected}"
+                )
         columns.append(np.frombuffer(raw, dtype="<i2").astype(np.float64) * per_bit * UNIT_FACTORS[unit])
         names.append(name)
         units.append(unit)
     if not columns:
         raise EcgRejected("no_waveform", "MUSE Rhythm waveform has no LeadData")
-    device = (root.findtext("TestDemographics/AcquisitionDevice") or "").strip() or None
-    software = (root.findtext("TestDemographics/AcquisitionSoftwareVersion") or "").strip() or None
+    device = (root.findtext("TestDemographics/AcquisitionDevice") or "").strip()[:128] or None
+    software = (root.findtext("TestDemographics/AcquisitionSoftwareVersion") or "").strip()[:128] or None
     return build_recording(
         columns, fs, names, limits, source_format=FORMAT, source_units=units, device=device, software=software
     )
