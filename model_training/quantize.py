@@ -20,7 +20,7 @@ this module does, in order:
    ONNX Runtime's int8 MatMul takes no per-channel scales on a 3-D weight, and one scale for all
    512 channels' kernels would cost accuracy.
 4. **Figures.** max |p_int8 − p_fp32| on random inputs (windows) and on the test fold's ECGs
-   (``strat_fold`` 19, window-averaged as served), per-target test-fold AUROC of both graphs with
+   (``strat_fold`` 19, window-averaged and calibrated as served), per-target test-fold AUROC of both graphs with
    the planted-target and all-target macro differences when the DATASET carries the generator's
    planted list (optionally on the test fold of a second labelled DATASET too, e.g. one from a
    fresh generator seed), and
@@ -540,8 +540,10 @@ def _measure(
     threads: int,
 ) -> VariantSpec:
     """Parity, AUROC and speed figures of ``int8`` against ``fp32``, judged against the bounds."""
+    from fhir_mappings.calibration import Calibrator
     from model_training.data import open_dataset
 
+    served = Calibrator([lab.calibration for lab in manifest.labels])  # as the runtime serves them
     parity = random_parity(fp32, int8, manifest, seed)
     accuracy: dict[str, float | None] = {}
     has_planted: dict[str, bool] = {}
@@ -550,7 +552,7 @@ def _measure(
         other = open_dataset(Path(check_data))
         folds.append(("check_", "check", other, fold_inputs(other, fold_rows(other, TEST_FOLD), manifest)))
     for prefix, name, data, inputs in folds:
-        p_fp32, p_int8 = ecg_probabilities(fp32, names, inputs), ecg_probabilities(int8, names, inputs)
+        p_fp32, p_int8 = (served(ecg_probabilities(s, names, inputs)) for s in (fp32, int8))
         parity[f"{name}_{inputs.n_ecgs}_records"] = float(np.abs(p_int8 - p_fp32).max())
         parity[f"{name}_mean_abs_diff"] = float(np.abs(p_int8 - p_fp32).mean())
         planted = _planted(data)

@@ -15,7 +15,8 @@ DTD is never fetched); any other DTD, and every entity, is refused (``unsafe_xml
 rates, ``SampleExponent`` within ±:data:`MAX_EXPONENT`, so no huge power is computed) and the
 amplitude per bit (:data:`~cds_service.ecg.readers.common.MAX_SCALE`) are checked before use; each
 lead's base64 size is checked against the sample, second and total-sample limits *before* it is
-decoded, and a stated ``LeadByteCountTotal`` must match what is decoded.
+decoded, and a stated ``LeadByteCountTotal`` or ``LeadSampleCountTotal`` must match what is
+decoded.
 """
 
 from __future__ import annotations
@@ -103,20 +104,8 @@ def read(data: bytes, limits: ReadLimits) -> EcgRecording:
         raw = b64decode(text, where)
         if len(raw) % 2:
             raise EcgRejected("unreadable", f"{where}: odd number of bytes for int16 samples")
-        stated = lead.findtext("LeadByteCountTotal")
-        if stated is not None and stated.strip():
-            expected = bounded_int(
-                stated.strip(),
-                f"{where} LeadByteCountTotal",
-                low=0,
-                high=len(text),
-                reason="unreadable",
-                low_reason="unreadable",
-            )
-            if expected != len(raw):
-                raise EcgRejected(
-                    "unreadable", f"{where}: {len(raw)} sample bytes, the file states {expected}"
-                )
+        _check_stated(lead.findtext("LeadByteCountTotal"), len(raw), f"{where} LeadByteCountTotal")
+        _check_stated(lead.findtext("LeadSampleCountTotal"), len(raw) // 2, f"{where} LeadSampleCountTotal")
         columns.append(np.frombuffer(raw, dtype="<i2").astype(np.float64) * per_bit * UNIT_FACTORS[unit])
         names.append(name)
         units.append(unit)
@@ -127,3 +116,18 @@ def read(data: bytes, limits: ReadLimits) -> EcgRecording:
     return build_recording(
         columns, fs, names, limits, source_format=FORMAT, source_units=units, device=device, software=software
     )
+
+
+def _check_stated(stated: str | None, actual: int, what: str) -> None:
+    """A count the file states (when it states one) must be what was decoded.
+
+    Raises:
+        EcgRejected: ``unreadable`` for a count that is not a number or differs.
+    """
+    if stated is None or not stated.strip():
+        return
+    expected = bounded_int(
+        stated.strip(), what, low=0, high=2**31, reason="unreadable", low_reason="unreadable"
+    )
+    if expected != actual:
+        raise EcgRejected("unreadable", f"{what} is {expected}, the data holds {actual}")
