@@ -20,217 +20,34 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from cds_service.setting_parsers import (
+    DEFAULT_INDICATOR_MAP,
+    IndicatorRule,
+    Parser,
+    float_parser,
+    int_parser,
+    parse_bool,
+    parse_choice,
+    parse_cors,
+    parse_database_url,
+    parse_http_url,
+    parse_indicator_map,
+    parse_intent,
+    parse_log_level,
+    parse_nonempty,
+    parse_optional_path,
+    parse_optional_url,
+    parse_path,
+    parse_str,
+    parse_str_list,
+    parse_url_list,
+)
 from fhir_mappings.errors import ConfigError
-
-SEVERITIES = ("info", "warning", "critical")
-INDICATORS = ("info", "warning", "critical")
-
-#: Default card indicator rules: a lab's severity (from fhir_mappings) and the model probability
-#: pick the indicator; the first matching rule wins. Lab recommendations stay ``info``/``warning``
-#: by default (cdshooks.md §0.6): ``critical`` makes Cerner pop up a modal, which a model estimate
-#: does not justify unless a site opts in.
-DEFAULT_INDICATOR_MAP = "critical>=0.8:warning;warning>=0.9:warning;*>=0:info"
-
-Parser = Callable[[str, str], Any]
-
-
-@dataclass(frozen=True)
-class IndicatorRule:
-    """One rule of ``ECGLAB_INDICATOR_MAP``: labs of ``severity`` (or ``*``) with probability ≥ ``min_probability``."""
-
-    severity: str
-    min_probability: float
-    indicator: str
-
-    def matches(self, severity: str, probability: float) -> bool:
-        """Whether this rule applies to a lab of ``severity`` predicted with ``probability``."""
-        return self.severity in ("*", severity) and probability >= self.min_probability
-
-
-# -- parsers: (raw string, name of the variable) -> value; raise ConfigError naming the variable ----
-
-
-def _parse_str(raw: str, name: str) -> str:
-    """Any string, surrounding blanks removed."""
-    return raw.strip()
-
-
-def _parse_nonempty(raw: str, name: str) -> str:
-    """A non-empty string."""
-    value = raw.strip()
-    if not value:
-        raise ConfigError(f"{name}: must not be empty")
-    return value
-
-
-def _parse_choice(raw: str, name: str, choices: tuple[str, ...]) -> str:
-    """One of ``choices`` (case-insensitive)."""
-    value = raw.strip().lower()
-    if value not in choices:
-        raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {raw!r}")
-    return value
-
-
-def _parse_bool(raw: str, name: str) -> bool:
-    """on/off (also 1/0, true/false, yes/no)."""
-    value = raw.strip().lower()
-    if value in ("1", "on", "true", "yes"):
-        return True
-    if value in ("0", "off", "false", "no"):
-        return False
-    raise ConfigError(f"{name}: expected on/off, got {raw!r}")
-
-
-def _int_parser(minimum: int, maximum: int) -> Parser:
-    """A parser for integers within ``minimum``..``maximum``."""
-
-    def parse(raw: str, name: str) -> int:
-        """Parse and range-check one integer."""
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{name}: expected an integer, got {raw!r}") from None
-        if not minimum <= value <= maximum:
-            raise ConfigError(f"{name}: {value} is outside {minimum}..{maximum}")
-        return value
-
-    return parse
-
-
-def _float_parser(minimum: float, maximum: float) -> Parser:
-    """A parser for numbers within ``minimum``..``maximum``."""
-
-    def parse(raw: str, name: str) -> float:
-        """Parse and range-check one number."""
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
-        if not minimum <= value <= maximum:
-            raise ConfigError(f"{name}: {value} is outside {minimum}..{maximum}")
-        return value
-
-    return parse
-
-
-def _parse_http_url(raw: str, name: str) -> str:
-    """An http(s) URL without query, fragment or credentials; trailing slash removed."""
-    value = raw.strip().rstrip("/")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name}: expected an http(s) URL, got {raw!r}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ConfigError(f"{name}: the URL must not carry a query, fragment or credentials")
-    return value
-
-
-def _parse_optional_url(raw: str, name: str) -> str:
-    """An http(s) URL, or empty."""
-    return _parse_http_url(raw, name) if raw.strip() else ""
-
-
-def _parse_optional_path(raw: str, name: str) -> Path | None:
-    """A path, or ``None`` when empty."""
-    value = raw.strip()
-    return Path(value).expanduser() if value else None
-
-
-def _parse_path(raw: str, name: str) -> Path:
-    """A non-empty path (``~`` expanded)."""
-    value = raw.strip()
-    if not value:
-        raise ConfigError(f"{name}: must name a path")
-    return Path(value).expanduser()
-
-
-def _parse_url_list(raw: str, name: str) -> tuple[str, ...]:
-    """Comma-separated http(s) URLs."""
-    items = [item.strip() for item in raw.split(",") if item.strip()]
-    for item in items:
-        _parse_http_url(item, name)
-    return tuple(items)
-
-
-def _parse_str_list(raw: str, name: str) -> tuple[str, ...]:
-    """Comma-separated strings, blanks dropped."""
-    return tuple(item.strip() for item in raw.split(",") if item.strip())
-
-
-def _parse_cors(raw: str, name: str) -> tuple[str, ...]:
-    """Comma-separated origins (scheme://host[:port]) or ``*``."""
-    items = _parse_str_list(raw, name)
-    if not items:
-        raise ConfigError(f"{name}: list at least one origin, or '*'")
-    for item in items:
-        if item != "*":
-            parts = urlsplit(item)
-            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
-                raise ConfigError(f"{name}: {item!r} is not an origin like https://ehr.example.org")
-    return tuple(item.rstrip("/") for item in items)
-
-
-def _parse_log_level(raw: str, name: str) -> str:
-    """A logging level name."""
-    value = raw.strip().upper()
-    if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError(f"{name}: expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {raw!r}")
-    return value
-
-
-def _parse_intent(raw: str, name: str) -> str:
-    """A ServiceRequest intent suitable for a suggested order."""
-    value = raw.strip()
-    if value not in ("proposal", "plan", "order"):
-        raise ConfigError(f"{name}: expected proposal, plan or order, got {raw!r}")
-    return value
-
-
-def _parse_database_url(raw: str, name: str) -> str:
-    """A SQLite or PostgreSQL SQLAlchemy URL."""
-    value = raw.strip()
-    if not value.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:", "postgresql+psycopg2:")):
-        raise ConfigError(f"{name}: expected a sqlite:/// or postgresql+psycopg:// URL")
-    return value
-
-
-def parse_indicator_map(raw: str, name: str = "ECGLAB_INDICATOR_MAP") -> tuple[IndicatorRule, ...]:
-    """Parse ``severity>=probability:indicator`` rules separated by ``;`` (first match wins).
-
-    ``severity`` is ``info``, ``warning``, ``critical`` or ``*``; the last rule should be a
-    ``*>=0:...`` catch-all, which this parser requires so that every card gets an indicator.
-    """
-    rules: list[IndicatorRule] = []
-    for chunk in (c.strip() for c in raw.split(";")):
-        if not chunk:
-            continue
-        try:
-            condition, indicator = chunk.rsplit(":", 1)
-            severity, threshold = condition.split(">=", 1)
-            probability = float(threshold)
-        except ValueError:
-            raise ConfigError(f"{name}: rule {chunk!r} is not 'severity>=probability:indicator'") from None
-        severity, indicator = severity.strip(), indicator.strip()
-        if severity != "*" and severity not in SEVERITIES:
-            raise ConfigError(f"{name}: rule {chunk!r}: severity must be one of {SEVERITIES} or '*'")
-        if indicator not in INDICATORS:
-            raise ConfigError(f"{name}: rule {chunk!r}: indicator must be one of {INDICATORS}")
-        if not 0.0 <= probability <= 1.0:
-            raise ConfigError(f"{name}: rule {chunk!r}: probability must lie in 0..1")
-        rules.append(IndicatorRule(severity, probability, indicator))
-    if not any(r.severity == "*" and r.min_probability == 0.0 for r in rules):
-        raise ConfigError(f"{name}: add a catch-all rule such as '*>=0:info'")
-    return tuple(rules)
-
-
-def _parse_indicator_map(raw: str, name: str) -> tuple[IndicatorRule, ...]:
-    """The ``ECGLAB_INDICATOR_MAP`` rules (see :func:`parse_indicator_map`)."""
-    return parse_indicator_map(raw, name)
 
 
 def default_model_dir() -> Path:
@@ -251,21 +68,21 @@ class Settings:
         default="http://127.0.0.1:8080",
         metadata=_meta(
             "ECGLAB_PUBLIC_URL",
-            _parse_http_url,
+            parse_http_url,
             "externally visible base URL (before /cds-services); JWT 'aud' must be it + the endpoint path",
         ),
     )
     auth: bool = field(
         default=True,
         metadata=_meta(
-            "ECGLAB_AUTH", _parse_bool, "verify the EHR's JWT on every call (off = development only)"
+            "ECGLAB_AUTH", parse_bool, "verify the EHR's JWT on every call (off = development only)"
         ),
     )
     issuers: Path | None = field(
         default=None,
         metadata=_meta(
             "ECGLAB_ISSUERS",
-            _parse_optional_path,
+            parse_optional_path,
             "YAML file of allowed JWT issuers (required when auth is on)",
         ),
     )
@@ -273,7 +90,7 @@ class Settings:
         default=(),
         metadata=_meta(
             "ECGLAB_DEV_FHIR_SERVERS",
-            _parse_url_list,
+            parse_url_list,
             "with auth off: comma-separated fhirServer URL prefixes the service may call (empty = loopback only)",
         ),
     )
@@ -281,21 +98,21 @@ class Settings:
         default=False,
         metadata=_meta(
             "ECGLAB_DEMO",
-            _parse_bool,
+            parse_bool,
             "serve the /demo card-preview page for the first ECGLAB_DEV_FHIR_SERVERS entry (needs ECGLAB_AUTH=off)",
         ),
     )
     model_dir: Path = field(
         default=default_model_dir(),
         metadata=_meta(
-            "ECGLAB_MODEL_DIR", _parse_path, "folder with the exported model (newest *.manifest.json)"
+            "ECGLAB_MODEL_DIR", parse_path, "folder with the exported model (newest *.manifest.json)"
         ),
     )
     onnx_providers: tuple[str, ...] = field(
         default=(),
         metadata=_meta(
             "ECGLAB_ONNX_PROVIDERS",
-            _parse_str_list,
+            parse_str_list,
             "ONNX Runtime providers in order (empty = CUDA if usable, then CPU)",
         ),
     )
@@ -303,7 +120,7 @@ class Settings:
         default="auto",
         metadata=_meta(
             "ECGLAB_MODEL_VARIANT",
-            lambda raw, name: _parse_choice(raw, name, ("auto", "fp32", "int8")),
+            lambda raw, name: parse_choice(raw, name, ("auto", "fp32", "int8")),
             "model graph to serve: fp32, int8 (from 'ecglab quantize') or auto = the fastest variant "
             "within its accuracy bounds on the CPU provider, else fp32",
         ),
@@ -312,7 +129,7 @@ class Settings:
         default=5,
         metadata=_meta(
             "ECGLAB_BATCH_MAX_WAIT_MS",
-            _int_parser(0, 100),
+            int_parser(0, 100),
             "batch concurrent calls of a worker into one model call, waiting at most this long "
             "(only under concurrency; 0 = off)",
         ),
@@ -321,21 +138,21 @@ class Settings:
         default="sqlite:///ecglab-service.sqlite3",
         metadata=_meta(
             "ECGLAB_DATABASE_URL",
-            _parse_database_url,
+            parse_database_url,
             "SQLAlchemy URL for feedback, issued cards and the JWT replay cache (sqlite file or postgresql+psycopg)",
         ),
     )
     budget_ms: int = field(
         default=1500,
         metadata=_meta(
-            "ECGLAB_BUDGET_MS", _int_parser(50, 60_000), "hard time budget per hook call; beyond it: no cards"
+            "ECGLAB_BUDGET_MS", int_parser(50, 60_000), "hard time budget per hook call; beyond it: no cards"
         ),
     )
     fhir_timeout_ms: int = field(
         default=1000,
         metadata=_meta(
             "ECGLAB_FHIR_TIMEOUT_MS",
-            _int_parser(10, 60_000),
+            int_parser(10, 60_000),
             "timeout of one FHIR request (capped by the budget)",
         ),
     )
@@ -343,45 +160,45 @@ class Settings:
         default=2,
         metadata=_meta(
             "ECGLAB_ECG_DECODE_PROCESSES",
-            _int_parser(0, 32),
+            int_parser(0, 32),
             "worker processes per server process that decode ECG files, abandoned at the budget (0: decode in-process)",
         ),
     )
     host: str = field(
-        default="127.0.0.1", metadata=_meta("ECGLAB_HOST", _parse_nonempty, "address gunicorn binds to")
+        default="127.0.0.1", metadata=_meta("ECGLAB_HOST", parse_nonempty, "address gunicorn binds to")
     )
     port: int = field(
-        default=8080, metadata=_meta("ECGLAB_PORT", _int_parser(1, 65_535), "port gunicorn binds to")
+        default=8080, metadata=_meta("ECGLAB_PORT", int_parser(1, 65_535), "port gunicorn binds to")
     )
     workers: int = field(
-        default=2, metadata=_meta("ECGLAB_WORKERS", _int_parser(1, 64), "gunicorn worker processes")
+        default=2, metadata=_meta("ECGLAB_WORKERS", int_parser(1, 64), "gunicorn worker processes")
     )
     threads: int = field(
-        default=4, metadata=_meta("ECGLAB_THREADS", _int_parser(1, 64), "threads per gunicorn worker")
+        default=4, metadata=_meta("ECGLAB_THREADS", int_parser(1, 64), "threads per gunicorn worker")
     )
     worker_timeout_s: int = field(
         default=30,
         metadata=_meta(
-            "ECGLAB_WORKER_TIMEOUT_S", _int_parser(5, 3600), "gunicorn kills a worker silent for this long"
+            "ECGLAB_WORKER_TIMEOUT_S", int_parser(5, 3600), "gunicorn kills a worker silent for this long"
         ),
     )
     max_body_mb: int = field(
         default=32,
         metadata=_meta(
             "ECGLAB_MAX_BODY_MB",
-            _int_parser(1, 512),
+            int_parser(1, 512),
             "largest accepted request body (prefetch may carry ECG files)",
         ),
     )
     max_cards: int = field(
         default=5,
-        metadata=_meta("ECGLAB_MAX_CARDS", _int_parser(1, 50), "most cards per response, most urgent first"),
+        metadata=_meta("ECGLAB_MAX_CARDS", int_parser(1, 50), "most cards per response, most urgent first"),
     )
     min_auroc: float = field(
         default=0.70,
         metadata=_meta(
             "ECGLAB_MIN_AUROC",
-            _float_parser(0.0, 1.0),
+            float_parser(0.0, 1.0),
             "a target gives cards only if its validation-fold AUROC's 95% CI lower bound (manifest) exceeds this; 0 = all",
         ),
     )
@@ -389,7 +206,7 @@ class Settings:
         default=360,
         metadata=_meta(
             "ECGLAB_RECENT_RESULT_MIN",
-            _int_parser(0, 525_600),
+            int_parser(0, 525_600),
             "no card for a lab resulted within this many minutes",
         ),
     )
@@ -397,7 +214,7 @@ class Settings:
         default=False,
         metadata=_meta(
             "ECGLAB_FAIL_QUIET",
-            _parse_bool,
+            parse_bool,
             "on: answer 200 with no cards (and log) instead of 500 on internal errors",
         ),
     )
@@ -405,37 +222,37 @@ class Settings:
         default=parse_indicator_map(DEFAULT_INDICATOR_MAP),
         metadata=_meta(
             "ECGLAB_INDICATOR_MAP",
-            _parse_indicator_map,
+            parse_indicator_map,
             "card indicator by lab severity and probability: 'severity>=p:indicator;...', first match wins",
         ),
     )
     order_intent: str = field(
         default="proposal",
         metadata=_meta(
-            "ECGLAB_ORDER_INTENT", _parse_intent, "intent of the draft ServiceRequest a card suggests"
+            "ECGLAB_ORDER_INTENT", parse_intent, "intent of the draft ServiceRequest a card suggests"
         ),
     )
     source_label: str = field(
         default="ecglab ECG lab model",
-        metadata=_meta("ECGLAB_SOURCE_LABEL", _parse_nonempty, "card source.label shown to clinicians"),
+        metadata=_meta("ECGLAB_SOURCE_LABEL", parse_nonempty, "card source.label shown to clinicians"),
     )
     source_url: str = field(
         default="",
         metadata=_meta(
             "ECGLAB_SOURCE_URL",
-            _parse_optional_url,
+            parse_optional_url,
             "card source.url, e.g. the model card page (empty = omitted)",
         ),
     )
     topic_system: str = field(
         default="urn:ecglab:cds-topic",
-        metadata=_meta("ECGLAB_TOPIC_SYSTEM", _parse_nonempty, "code system of card source.topic codes"),
+        metadata=_meta("ECGLAB_TOPIC_SYSTEM", parse_nonempty, "code system of card source.topic codes"),
     )
     override_reason_system: str = field(
         default="urn:ecglab:override-reason",
         metadata=_meta(
             "ECGLAB_OVERRIDE_REASON_SYSTEM",
-            _parse_nonempty,
+            parse_nonempty,
             "code system of the override reasons offered on cards",
         ),
     )
@@ -443,7 +260,7 @@ class Settings:
         default=True,
         metadata=_meta(
             "ECGLAB_RECORD_CARDS",
-            _parse_bool,
+            parse_bool,
             "store each issued card (uuid, lab, probability) for feedback analysis",
         ),
     )
@@ -451,7 +268,7 @@ class Settings:
         default="live",
         metadata=_meta(
             "ECGLAB_MODE",
-            lambda raw, name: _parse_choice(raw, name, ("live", "shadow")),
+            lambda raw, name: parse_choice(raw, name, ("live", "shadow")),
             "live: cards reach the EHR; shadow: the model runs and is audited, the EHR gets no cards "
             "(the stricter of this and the ECGLAB_CONTROLS mode applies)",
         ),
@@ -460,20 +277,20 @@ class Settings:
         default=None,
         metadata=_meta(
             "ECGLAB_CONTROLS",
-            _parse_optional_path,
+            parse_optional_path,
             "kill-switch YAML (mode live|shadow|off, disabled_labs, disabled_targets), re-read when it changes",
         ),
     )
     audit: bool = field(
         default=True,
-        metadata=_meta("ECGLAB_AUDIT", _parse_bool, "write one audit row per hook call (table hook_audit)"),
+        metadata=_meta("ECGLAB_AUDIT", parse_bool, "write one audit row per hook call (table hook_audit)"),
     )
     audit_key: str = field(
         default="",
         repr=False,
         metadata=_meta(
             "ECGLAB_AUDIT_KEY",
-            _parse_str,
+            parse_str,
             "secret (32+ bytes) keying the audit's patient hash; required with auth and audit on "
             "(auth off: a random key per process, with a warning)",
         ),
@@ -482,7 +299,7 @@ class Settings:
         default=0,
         metadata=_meta(
             "ECGLAB_AUDIT_RETENTION_DAYS",
-            _int_parser(0, 36_500),
+            int_parser(0, 36_500),
             "delete audit rows older than this many days, at start-up and daily (0 = keep all)",
         ),
     )
@@ -490,7 +307,7 @@ class Settings:
         default=None,
         metadata=_meta(
             "ECGLAB_SITE_INFO",
-            _parse_optional_path,
+            parse_optional_path,
             "site YAML of the model card: contact, local validation, update schedule (empty = none stated)",
         ),
     )
@@ -498,57 +315,57 @@ class Settings:
         default=None,
         metadata=_meta(
             "ECGLAB_MONITOR_DIR",
-            _parse_optional_path,
+            parse_optional_path,
             "folder of 'ecglab monitor' runs: the newest report feeds the model card and /metrics gauges",
         ),
     )
     cors_origins: tuple[str, ...] = field(
         default=("*",),
         metadata=_meta(
-            "ECGLAB_CORS_ORIGINS", _parse_cors, "comma-separated browser origins allowed by CORS, or '*'"
+            "ECGLAB_CORS_ORIGINS", parse_cors, "comma-separated browser origins allowed by CORS, or '*'"
         ),
     )
     log_level: str = field(
-        default="INFO", metadata=_meta("ECGLAB_LOG_LEVEL", _parse_log_level, "log level of the service")
+        default="INFO", metadata=_meta("ECGLAB_LOG_LEVEL", parse_log_level, "log level of the service")
     )
     metrics: bool = field(
-        default=True, metadata=_meta("ECGLAB_METRICS", _parse_bool, "serve Prometheus metrics at /metrics")
+        default=True, metadata=_meta("ECGLAB_METRICS", parse_bool, "serve Prometheus metrics at /metrics")
     )
     metrics_dir: Path | None = field(
         default=None,
         metadata=_meta(
             "ECGLAB_METRICS_DIR",
-            _parse_optional_path,
+            parse_optional_path,
             "prometheus multiprocess folder (empty: ecglab serve makes a fresh one)",
         ),
     )
     jwt_leeway_s: int = field(
         default=30,
-        metadata=_meta("ECGLAB_JWT_LEEWAY_S", _int_parser(0, 300), "clock skew tolerated on exp/iat/nbf"),
+        metadata=_meta("ECGLAB_JWT_LEEWAY_S", int_parser(0, 300), "clock skew tolerated on exp/iat/nbf"),
     )
     jwt_max_lifetime_s: int = field(
         default=3600,
         metadata=_meta(
             "ECGLAB_JWT_MAX_LIFETIME_S",
-            _int_parser(60, 86_400),
+            int_parser(60, 86_400),
             "reject JWTs whose exp lies further ahead (bounds the replay cache)",
         ),
     )
     jwks_cache_s: int = field(
         default=300,
-        metadata=_meta("ECGLAB_JWKS_CACHE_S", _int_parser(0, 86_400), "how long a fetched JWKS is reused"),
+        metadata=_meta("ECGLAB_JWKS_CACHE_S", int_parser(0, 86_400), "how long a fetched JWKS is reused"),
     )
     jwks_refetch_s: int = field(
         default=30,
         metadata=_meta(
             "ECGLAB_JWKS_REFETCH_S",
-            _int_parser(0, 3600),
+            int_parser(0, 3600),
             "least seconds between two fetches of one JWKS URL when a token names an unknown kid",
         ),
     )
     jwks_timeout_ms: int = field(
         default=2000,
-        metadata=_meta("ECGLAB_JWKS_TIMEOUT_MS", _int_parser(50, 30_000), "timeout of one JWKS download"),
+        metadata=_meta("ECGLAB_JWKS_TIMEOUT_MS", int_parser(50, 30_000), "timeout of one JWKS download"),
     )
 
     # -- construction ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import yaml
 from compose_spec import PyCompose
 
 from cds_service.settings import describe_settings
+from tests.generated_docs import dockerfile_header_in_file, dockerfile_settings_header
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 
@@ -114,12 +115,10 @@ def test_dockerfile_lint_rules() -> None:
 
 
 def test_dockerfile_header_lists_every_setting() -> None:
-    """The image's header comment names every environment variable the service reads."""
-    header = "\n".join(
-        line for line in (DOCKER / "Dockerfile").read_text().splitlines() if line.startswith("#")
+    """The image's header comment is generated from the settings: every variable, default and meaning."""
+    assert dockerfile_header_in_file() == dockerfile_settings_header(), (
+        "run: python -m tests.ops.test_readme --write"
     )
-    missing = [env for env, _, _ in describe_settings() if env not in header]
-    assert not missing, f"Dockerfile header lacks {missing}"
 
 
 @pytest.mark.parametrize("service", ["ecglab"])

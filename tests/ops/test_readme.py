@@ -1,5 +1,6 @@
 """README (issue: demo, docker and README): the two commands come first, and the generated
-sections — the settings table and the CLI reference — match the code exactly.
+sections — the settings table and the CLI reference (and the Dockerfile's settings header) — match
+the code exactly.
 
 Regenerate them after changing a setting or a flag with ``python -m tests.ops.test_readme --write``
 (``make readme``).
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from cds_service.cli import SUBCOMMANDS, main
 from cds_service.settings import describe_settings
+from tests.generated_docs import write_dockerfile_header
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -102,3 +104,4 @@ if __name__ == "__main__":
     text = _replace(text, "settings-table", settings_table())
     text = _replace(text, "cli-reference", cli_reference())
     README.write_text(text)
+    write_dockerfile_header()
