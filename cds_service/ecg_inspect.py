@@ -77,12 +77,12 @@ class Inspection:
     model_notes: tuple[str, ...] = ()
 
 
-def _model_facts() -> tuple[tuple[str, ...], dict[str, str] | None, list[str]]:
-    """The served model's lead order, name and version, and notes when they cannot be trusted.
+def _model_facts() -> tuple[dict[str, str] | None, list[str]]:
+    """The served model's name and version, and a note when its lead order is not the service's.
 
     The model folder is ``$ECGLAB_MODEL_DIR`` (parsed as the service parses it) or the bundled
-    ``models/``. Without a manifest the report still holds the service's lead order, which is what
-    every export writes.
+    ``models/``. The model input's columns are always :data:`MODEL_LEADS`, the order every export
+    writes into its manifest; without a manifest the report still names that order.
     """
     from cds_service.settings import Settings, default_model_dir
     from fhir_mappings.manifest import ManifestError, find_manifest, load_manifest
@@ -93,14 +93,14 @@ def _model_facts() -> tuple[tuple[str, ...], dict[str, str] | None, list[str]]:
     try:
         manifest = load_manifest(find_manifest(model_dir), verify_file=False)
     except ManifestError:
-        return MODEL_LEADS, None, []
+        return None, []
     notes = []
     if tuple(manifest.ecg.lead_order) != MODEL_LEADS:
         notes.append(
             f"the model manifest lists leads {', '.join(manifest.ecg.lead_order)}, but the service builds"
             f" {', '.join(MODEL_LEADS)}"
         )
-    return MODEL_LEADS, {"name": manifest.name, "version": manifest.version}, notes
+    return {"name": manifest.name, "version": manifest.version}, notes
 
 
 def _read_bytes(path: Path, limit: int) -> tuple[bytes, int]:
@@ -151,8 +151,10 @@ def inspect_file(path: Path, mappings: Any = None) -> Inspection:
         raise
     except Exception as exc:  # as cds_service.ecg.select: a decoding bug rejects the ECG
         raise EcgRejected("unreadable", f"decoding failed ({type(exc).__name__})") from exc
-    leads, model, notes = _model_facts()
-    return Inspection(path, size, recording, plan, model_recording, prepared, leads, model, tuple(notes))
+    model, notes = _model_facts()
+    return Inspection(
+        path, size, recording, plan, model_recording, prepared, MODEL_LEADS, model, tuple(notes)
+    )
 
 
 def _quality_warnings(inspection: Inspection) -> list[str]:
@@ -224,7 +226,7 @@ def _units_text(units: Sequence[str], leads: Sequence[str]) -> str:
     if not units:
         return "not stated (read as mV)"
     if len(set(units)) == 1:
-        return f"{units[0]} (converted to mV)"
+        return units[0] if units[0] == "mV" else f"{units[0]} (converted to mV)"
     return (
         ", ".join(f"{lead} {unit}" for lead, unit in zip(leads, units, strict=False)) + " (converted to mV)"
     )
@@ -249,7 +251,7 @@ def text_report(facts: Mapping[str, Any]) -> str:
         (
             "model input",
             f"{shape} {facts['model_input']['dtype']}, mV at {facts['model_input']['fs']:g} Hz,"
-            f" clipped to ±{facts['model_input']['clip_mv']:g} mV",
+            f" clipped to ±{facts['model_input']['clip_mv']:g} mV before resampling",
         ),
         ("model leads", ", ".join(facts["model_leads"])),
         ("model", f"{model['name']} {model['version']}" if model else "no manifest found"),

@@ -230,6 +230,7 @@ def _new_thresholds(
             else:
                 label["decision_threshold"] = choice.threshold
                 label["threshold_rule"] = f"local:{rule}"
+                label["threshold_fold"] = "local"  # chosen on the site's outcomes, not fold 18
                 entry.update(
                     new=choice.threshold,
                     status="recalibrated",

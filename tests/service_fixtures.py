@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -205,6 +205,24 @@ def prediction(
 def iso(moment: datetime) -> str:
     """A FHIR instant in UTC."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def assert_precondition_failed(response: Any, *, naming: Sequence[str] = ()) -> dict[str, Any]:
+    """The one definition of the CDS Hooks 412 rule (cdshooks.md §4, §7) the suite checks against.
+
+    Required data that is neither prefetched nor obtainable from the FHIR server is answered 412
+    with an ``application/fhir+json`` OperationOutcome whose first issue is an error; its
+    diagnostics name each of ``naming`` (missing prefetch keys, the FHIR error). Returns the body.
+    """
+    assert response.status_code == 412, response.get_data(as_text=True)[:500]
+    assert response.mimetype == "application/fhir+json"
+    outcome = response.get_json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    issue = outcome["issue"][0]
+    assert issue["severity"] == "error"
+    for word in naming:
+        assert word in issue.get("diagnostics", ""), (word, issue)
+    return dict(outcome)
 
 
 def patient(pid: str = PATIENT_ID) -> dict[str, Any]:

@@ -28,12 +28,17 @@ that dies (a crash, the kernel's OOM killer) or a broken pipe is ``unreadable`` 
 the worker is replaced. Nothing here raises anything but :class:`EcgRejected` for a bad file.
 
 **What is decoded in the calling process.** ``valueSampledData`` jobs of at most
-``inline_chars`` characters of sample text (default :data:`INLINE_CHARS`). That text is already in
-memory as parsed JSON and its decoding is vectorised numpy, linear in its size (about 0.3 µs per
-sample: a 64 KiB payload, a 10 s 12-lead strip at 100 Hz, costs a few ms), so it cannot hold the
-GIL for long, and shipping it to a worker would cost a copy and two pipe transfers for a decode no
-longer than that. Files always go to a worker, whatever their size: their readers are the code
-whose cost on hostile bytes motivates the pool.
+``inline_chars`` characters of sample text (default :data:`INLINE_CHARS`, 16 KiB: a 2.5 s 12-lead
+strip at 100 Hz). That text is already in memory as parsed JSON and its decoding is vectorised
+numpy, linear in its size (``benchmarks/ecg_decode.py``, ``ecg_decode_inline_max_ms_p50``: about
+3 ms at this size), so it cannot hold the GIL for long, and a worker would add a copy and two pipe
+transfers (4 to 8 ms, ``ecg_decode_pool_overhead_ms``) to a decode no longer than that. Larger
+payloads and files go to a worker, whatever their size: file readers are the code whose cost on
+hostile bytes motivates the pool.
+
+As with any ``forkserver``/``spawn`` pool, a program that creates a :class:`Decoder` from a script
+needs the ``if __name__ == "__main__":`` guard (workers import the main module); gunicorn workers,
+the ``ecglab`` command and pytest have it.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PROCESSES: int = 2
 """Worker processes of a :class:`Decoder` unless configured (``ECGLAB_ECG_DECODE_PROCESSES``)."""
 
-INLINE_CHARS: int = 64 * 1024
+INLINE_CHARS: int = 16 * 1024
 """``valueSampledData`` with at most this many characters of sample text is decoded in-process."""
 
 MAX_DECODE_S: float = 30.0
@@ -170,7 +175,8 @@ class _Worker:
             if process.is_alive():
                 process.kill()
             process.join(_STOP_WAIT_S)
-            process.close()
+            if process.exitcode is not None:  # a process the kernel has not reaped yet is left to it
+                process.close()
 
     def run(self, job: DecodeJob, deadline: float) -> tuple[Any, ...]:
         """Send ``job`` and wait for the reply until ``deadline`` (:func:`time.monotonic`).

@@ -186,3 +186,40 @@ def test_markdown_renderer_escapes_html_and_drops_unsafe_links(chrome: Any, live
     assert probe["links"] == ["https://example.org/a_b"]
     assert "<img src=x onerror=alert(1)>" in probe["text"] and "<script>x</script>" in probe["text"]
     assert "<code>" in probe["text"]
+
+
+def test_model_card_page_every_card_links_to_opens_in_the_browser(
+    chrome: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """``/model-card``: the demo model's notice first, then all 31 HTI-1 attributes; screenshot it."""
+    from cds_service.app import create_app
+    from fhir_mappings.manifest import load_manifest
+    from tests.service_fixtures import FakeRuntime
+
+    manifest = load_manifest(
+        ARTIFACTS.parent / "models" / "ecglab-0.1.0-demo.manifest.json", verify_file=False
+    )
+    app = create_app(
+        {
+            "auth": False,
+            "issuers": "",
+            "database_url": f"sqlite:///{tmp_path / 'card.sqlite3'}",
+            "metrics": False,
+        },
+        runtime=FakeRuntime(version=manifest.version, manifest=manifest),
+    )
+    server = LiveServer.start(app)
+    try:
+        chrome.get(f"{server.url}/model-card")
+        assert chrome.title == f"Model card: {manifest.name} {manifest.version}"
+        notice = chrome.find_element("css selector", ".notice")
+        assert notice.is_displayed() and notice.text.startswith("NOT FOR CLINICAL USE")
+        refs = [e.text for e in chrome.find_elements("css selector", "span.ref")]
+        assert len(refs) == 31 and refs[0] == "(1)(i)" and refs[-1] == "(9)(ii)"
+        assert manifest.onnx.sha256 in chrome.find_element("tag name", "body").text
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert chrome.save_screenshot(str(ARTIFACTS / "model-card.png"))
+    finally:
+        server.stop()
+        dispose_app(app)

@@ -205,6 +205,28 @@ def test_wfdb_and_edf_records_from_independent_writers(
     assert np.array_equal(np.load(tmp_path / "in.npy"), service_model_input(data, runtime))
 
 
+def test_inverted_lead_and_clipped_samples_are_warned(
+    tmp_path: Path, runtime: ModelRuntime, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Cabrera-style '-aVR' column is used inverted and 4.5 mV peaks are clipped: both reported."""
+    digital = _digital(5000, 12).astype(np.int32)
+    names = list(MODEL_LEADS)
+    names[MODEL_LEADS.index("aVR")] = "-aVR"
+    digital[100:110, 0] = 900  # 4.5 mV at 200 units per mV
+    data = encode_wfdb_zip(digital.astype(np.int16), 200.0, 500, names, "inv")
+    path = tmp_path / "inverted.zip"
+    path.write_bytes(data)
+    status, out, _ = inspect(capsys, path, "--json", "--npy", tmp_path / "in.npy")
+    assert status == 0
+    facts = json.loads(out)
+    assert facts["lead_sources"]["aVR"] == "--aVR" and facts["lead_sources"]["I"] == "I"
+    assert "aVR is taken inverted from '-aVR'" in facts["warnings"]
+    assert "I: 10 sample(s) (0.2%) beyond ±3 mV are clipped" in facts["warnings"]
+    array = np.load(tmp_path / "in.npy")
+    assert np.array_equal(array, service_model_input(data, runtime))
+    assert 3.0 < array[:, 0].max() < 3.5  # clipped at 500 Hz, then resampled: a little overshoot
+
+
 # -- refused files and bad paths ----------------------------------------------------------------------------
 
 

@@ -18,12 +18,12 @@ import pytest
 from sqlalchemy import func, select
 
 from cds_service.db import Feedback, IssuedCard
+from tests.security.test_security_feedback import issue_card
 from tests.service_fixtures import (
     EHR_ISS,
     ServiceEnv,
     load_sample,
 )
-from tests.security.test_security_feedback import issue_card
 
 pytest_plugins = ["tests.pg"]
 

@@ -31,6 +31,7 @@ from tests.service_fixtures import (
     FakeRuntime,
     MockFhir,
     ServiceEnv,
+    assert_precondition_failed,
     assert_schema_valid,
     bundle,
     clinical_record,
@@ -252,9 +253,7 @@ def test_operationoutcome_prefetch_without_token_is_412(make_app) -> None:
     body = load_sample("project/request.patient-view.prefetch-operationoutcome.json")
     del body["fhirAuthorization"]
     client = make_app(**DEV).test_client()
-    response = post_hook(client, body)
-    assert response.status_code == 412
-    assert response.get_json()["resourceType"] == "OperationOutcome"
+    assert_precondition_failed(post_hook(client, body))
 
 
 def test_epic_no_results_bundle_is_an_empty_answer(make_app) -> None:
@@ -278,9 +277,9 @@ def test_bundle_with_error_outcome_counts_as_missing(make_app) -> None:
         {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "exception"}]}
     )
     client = make_app(**DEV).test_client()
-    response = post_hook(client, hook_request("patient-view", prefetch=prefetch))
-    assert response.status_code == 412
-    assert "labs" in response.get_json()["issue"][0]["diagnostics"]
+    assert_precondition_failed(
+        post_hook(client, hook_request("patient-view", prefetch=prefetch)), naming=["labs"]
+    )
 
 
 @pytest.mark.parametrize("hook", ["patient-view", "order-sign"])
@@ -313,13 +312,7 @@ def test_no_prefetch_without_token_is_412_operationoutcome(make_app) -> None:
     """§4 412 rule + §7: required data neither prefetched nor obtainable → 412, OperationOutcome body."""
     body = load_sample("project/request.patient-view.labs-null-ecg-missing-no-token.json")
     client = make_app(**DEV).test_client()
-    response = post_hook(client, body)
-    assert response.status_code == 412
-    assert response.mimetype == "application/fhir+json"
-    outcome = response.get_json()
-    assert outcome["resourceType"] == "OperationOutcome"
-    assert outcome["issue"][0]["severity"] == "error"
-    assert "ecgObservations" in outcome["issue"][0]["diagnostics"]
+    outcome = assert_precondition_failed(post_hook(client, body), naming=["ecgObservations"])
     assert "labs," not in outcome["issue"][0]["diagnostics"]  # labs was null: satisfied
 
 
@@ -327,8 +320,7 @@ def test_fhir_server_refusing_the_token_is_412(make_app) -> None:
     """§4 412 rule: a FHIR server that answers 401 means the data cannot be obtained → 412."""
     client = make_app(fhir=MockFhir([], status=401), **DEV).test_client()
     response = post_hook(client, hook_request("patient-view", fhir_server=EHR_FHIR, token=FHIR_TOKEN))
-    assert response.status_code == 412
-    assert "FhirUnauthorized" in response.get_json()["issue"][0]["diagnostics"]
+    assert_precondition_failed(response, naming=["FhirUnauthorized"])
 
 
 # -- vendor and spec fixtures (§0.7, §3) ---------------------------------------------------------------------

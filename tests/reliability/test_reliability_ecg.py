@@ -32,12 +32,23 @@ unit mm[Hg]                no card, ``unknown_units``
 
 "No card" is a 200 ``{"cards": []}`` with a log line naming the reason (cdshooks.md §7: no advice
 is an answer, not an error).
+
+Hostile files (issue 14) take the same way as Media attachments: a DICOM deflate bomb
+(``attachment_too_large``), a UTF-16 MUSE export declaring entities (``unsafe_xml``), a WFDB zip
+lying about its member sizes (``unreadable``: the member stops at its declared size and fails its
+CRC); each within the budget. An ECG whose subject is another patient is never used, and the log
+does not name that patient.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
+import re
+import struct
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -59,6 +70,7 @@ from tests.service_fixtures import LOINC, PATIENT_ID, clinical_record, hook_requ
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 
+DATA = Path(__file__).resolve().parents[1] / "data" / "ecg"
 FS = 100.0
 SECONDS = 10.0
 
@@ -342,3 +354,104 @@ def test_a_rejected_newest_ecg_falls_back_to_an_older_good_one(
     )
     assert response.status_code == 200 and response.get_json()["cards"]
     assert recorder.seen[0].ecg.reference == "Observation/ecg-older"
+
+
+# -- hostile ECG files and other patients' ECGs through the hook ------------------------------------------
+
+
+def _media(content: bytes, content_type: str, pid: str = PATIENT_ID) -> dict[str, Any]:
+    """An ECG Media resource (DICOM modality ECG) carrying ``content`` inline, recorded 5 min ago."""
+    return {
+        "resourceType": "Media",
+        "id": "hostile-file",
+        "status": "completed",
+        "modality": {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "ECG"}]},
+        "subject": {"reference": f"Patient/{pid}"},
+        "createdDateTime": iso(datetime.now(UTC) - timedelta(minutes=5)),
+        "content": {"contentType": content_type, "data": base64.b64encode(content).decode("ascii")},
+    }
+
+
+def _deflate_bomb() -> bytes:
+    """A DICOM ECG whose deflated data set (a few dozen KB) inflates to 60 MB."""
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(DATA / "guangxi_teaching_sinus_rhythm.dcm")
+    ds.add_new(0x00091010, "OB", bytes(60 * 2**20))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
+def _utf16_entities() -> bytes:
+    """The teaching MUSE export re-encoded as UTF-16 with an entity-expansion DTD inside."""
+    text = (DATA / "guangxi_teaching_sinus_rhythm.xml").read_text(encoding="utf-8")
+    text = re.sub(r"<!DOCTYPE[^>]*>", '<!DOCTYPE RestingECG [<!ENTITY a "aaaaaaaaaa">]>', text, count=1)
+    return text.replace("<RestingECG>", "<RestingECG>&a;&a;&a;", 1).encode("utf-16")
+
+
+def _lying_zip() -> bytes:
+    """A WFDB zip whose signal member declares 64 bytes and inflates to 20 MB."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("rec.hea", "rec 12 500 5000\n" + "rec.dat 16 200 16 0 0 0 0 I\n" * 12)
+        archive.writestr("rec.dat", bytes(20 * 2**20))
+    return re.sub(
+        rb"PK\x01\x02(.{16})(.{4})(.{4})",
+        lambda m: b"PK\x01\x02" + m.group(1) + m.group(2) + struct.pack("<I", 64),
+        out.getvalue(),
+        flags=re.DOTALL,
+    )
+
+
+HOSTILE_FILES: dict[str, tuple[Callable[[], bytes], str, str]] = {
+    "DICOM deflate bomb": (_deflate_bomb, "application/dicom", "attachment_too_large"),
+    "UTF-16 MUSE with entities": (_utf16_entities, "application/xml", "unsafe_xml"),
+    # the member stops at its declared 64 bytes, then fails its CRC: never 20 MB inflated
+    "WFDB zip lying about its size": (_lying_zip, "application/zip", "unreadable"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_FILES))
+def test_hostile_ecg_file_is_a_rejected_ecg_within_the_budget(
+    service: tuple[Flask, RecordingRuntime], caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    """Issue 14: a hostile attachment costs bounded work and ends as 200, no card, its reason logged."""
+    app, recorder = service
+    build, content_type, reason = HOSTILE_FILES[case]
+    record = clinical_record()
+    record["ecgObservations"] = []
+    record["ecgMedia"] = [_media(build(), content_type)]
+    with caplog.at_level(logging.INFO, logger="cds_service"):
+        started = time.perf_counter()
+        response = app.test_client().post(
+            "/cds-services/ecglab-patient-view",
+            json=hook_request("patient-view", prefetch=prefetch_from(record)),
+        )
+        elapsed = time.perf_counter() - started
+    assert response.status_code == 200 and response.get_json()["cards"] == []
+    assert recorder.seen == []
+    assert f"ECG rejected (reason={reason}); no cards" in caplog.text
+    record_figure(f"hostile ECG {case}", f"no card ({reason}) in {1000 * elapsed:.0f} ms")
+    assert elapsed < 1.5, "within the default hook budget"
+
+
+def test_another_patients_ecg_in_the_prefetch_is_never_used(
+    service: tuple[Flask, RecordingRuntime], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14 (patient binding): an ECG whose subject is another patient gives no card; logged without ids."""
+    app, recorder = service
+    record = clinical_record()
+    record["ecgObservations"] = [
+        {**ecg_observation(clean_signal()), "subject": {"reference": "Patient/someone-else"}}
+    ]
+    with caplog.at_level(logging.INFO, logger="cds_service"):
+        response = app.test_client().post(
+            "/cds-services/ecglab-patient-view",
+            json=hook_request("patient-view", prefetch=prefetch_from(record)),
+        )
+    assert response.status_code == 200 and response.get_json()["cards"] == []
+    assert recorder.seen == []
+    assert "someone-else" not in caplog.text

@@ -43,6 +43,7 @@ from tests.figures import record_figure
 from tests.service_fixtures import (
     FHIR_TOKEN,
     FakeRuntime,
+    assert_precondition_failed,
     clinical_record,
     hook_request,
     prediction,
@@ -153,9 +154,8 @@ def test_fhir_fault_is_answered_per_spec_within_the_budget(
     if status == 200:
         assert bool(body["cards"]) is with_cards, body
     else:
-        assert response.mimetype == "application/fhir+json" and body["resourceType"] == "OperationOutcome"
-        if mode.startswith("http_"):
-            assert f"HTTP {mode.removeprefix('http_')}" in body["issue"][0]["diagnostics"]
+        http = [f"HTTP {mode.removeprefix('http_')}"] if mode.startswith("http_") else []
+        assert_precondition_failed(response, naming=http)
     if mode in ("huge_attachment", "huge_declared"):
         assert sent < HUGE_ATTACHMENT_BYTES // 2, f"the service read {sent} bytes of a 50 MB attachment"
         record_figure(

@@ -38,6 +38,7 @@ from cds_service.issuers import (
     load_issuers,
 )
 from fhir_mappings.errors import ConfigError
+from tests.security.test_security_feedback import issue_card
 from tests.service_fixtures import (
     EHR_ISS,
     PUBLIC_URL,
@@ -48,7 +49,6 @@ from tests.service_fixtures import (
     mint,
     prefetch_from,
 )
-from tests.security.test_security_feedback import issue_card
 
 DISCOVERY = "/cds-services"
 HOOK = "/cds-services/ecglab-patient-view"

@@ -19,6 +19,7 @@ import pytest
 
 from cds_service.db import SeenToken, init_db, make_engine, purge_expired_tokens, remember_token
 from cds_service.issuers import url_has_prefix
+from tests.security.test_security_feedback import issue_card
 from tests.service_fixtures import (
     EHR_ISS,
     JKU_ISS,
@@ -30,7 +31,6 @@ from tests.service_fixtures import (
     load_sample,
     mint,
 )
-from tests.security.test_security_feedback import issue_card
 
 pytest_plugins = ["tests.pg"]
 
