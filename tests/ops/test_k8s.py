@@ -27,6 +27,7 @@ from jsonschema import Draft202012Validator
 from jsonschema import ValidationError as SchemaError
 from referencing import Registry, Resource
 
+from cds_service.hook_audit import resolve_audit_key
 from cds_service.issuers import load_issuers
 from cds_service.settings import Settings, describe_settings
 from tests.k8s_render import RenderError, render, split_image, strategic_merge
@@ -333,16 +334,20 @@ def test_the_settings_form_a_valid_service_configuration(tmp_path: Path) -> None
         **settings,
         "ECGLAB_ISSUERS": str(local),
         "ECGLAB_DATABASE_URL": secret_example()["stringData"]["url"],
+        "ECGLAB_AUDIT_KEY": secret_example()["stringData"]["audit-key"],
     }
     parsed = Settings.from_env(environment)
     assert parsed.auth and parsed.metrics and parsed.database_url.startswith("postgresql+psycopg://")
+    # Auth and audit on: the service refuses to start without the audit key, so the pod must get one.
+    assert parsed.audit and resolve_audit_key(parsed)
     assert str(parsed.model_dir) in re.findall(r"ECGLAB_MODEL_DIR=(\S+)", dockerfile())
 
 
-def test_database_url_comes_from_the_example_secret() -> None:
+@pytest.mark.parametrize("env", ["ECGLAB_DATABASE_URL", "ECGLAB_AUDIT_KEY"])
+def test_secrets_come_from_the_example_secret(env: str) -> None:
     objects = rendered("base")
-    [database] = [v for v in container(objects)["env"] if v["name"] == "ECGLAB_DATABASE_URL"]
-    ref = database["valueFrom"]["secretKeyRef"]
+    [entry] = [v for v in container(objects)["env"] if v["name"] == env]
+    ref = entry["valueFrom"]["secretKeyRef"]
     secret = secret_example()
     assert secret["kind"] == "Secret" and secret["metadata"]["name"] == ref["name"]
     assert ref["key"] in secret["stringData"]
