@@ -46,6 +46,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,7 @@ from cds_service.prefetch import PrefetchQuery, build_queries, templates
 from cds_service.routes import blueprint, metrics_blueprint
 from cds_service.settings import Settings
 from cds_service.site_info import load_site_info
+from cds_service.smart_backend import SmartBackendClient, TokenCache
 from fhir_mappings import Mappings, load_mappings
 
 log = logging.getLogger(__name__)
@@ -189,6 +191,16 @@ def _warn_auth_off(settings: Settings) -> None:
     )
 
 
+def smart_backend_clients(issuers: Mapping[str, IssuerConfig]) -> dict[str, SmartBackendClient]:
+    """One SMART Backend Services client per issuer that configures one, sharing one token cache."""
+    cache = TokenCache()
+    return {
+        iss: SmartBackendClient(cfg.smart_backend, fhir_servers=cfg.fhir_servers, cache=cache)
+        for iss, cfg in issuers.items()
+        if cfg.smart_backend is not None
+    }
+
+
 def create_app(
     config: Settings | dict[str, Any] | None = None, *, runtime: ModelRuntimeLike | None = None
 ) -> Flask:
@@ -227,6 +239,7 @@ def create_app(
         fhir_executor=concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ecglab-fhir"),
         controls=controls,
         audit=audit,
+        smart_backend=smart_backend_clients(issuers),
     )
     state = ServiceState(
         settings=settings,

@@ -42,9 +42,10 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -60,7 +61,7 @@ from cds_service.db import IssuedCard, insert_ignoring_duplicates
 from cds_service.ecg.record import EcgRejected
 from cds_service.features import NoEcgError
 from cds_service.fetch import gather_patient_data, model_inputs
-from cds_service.fhir_client import FhirClient, FhirError, FhirTimeout
+from cds_service.fhir_client import FhirClient, FhirError, FhirTimeout, FhirUnauthorized
 from cds_service.governance import card_link
 from cds_service.hook_audit import AuditTrail, CallFacts, CallTrace
 from cds_service.hook_request import (
@@ -75,6 +76,7 @@ from cds_service.observability import CARDS, FHIR_SECONDS, HOOK_OUTCOMES, INFERE
 from cds_service.patient_data import PatientData
 from cds_service.prefetch import DecodedPrefetch, PrefetchQuery, decode_prefetch
 from cds_service.settings import Settings
+from cds_service.smart_backend import SmartBackendClient, SmartBackendError, TokenTimeout
 from fhir_mappings import Mappings
 from fhir_mappings.errors import EcglabError, InputError
 
@@ -141,7 +143,9 @@ class PipelineDeps:
     inject an ``httpx.MockTransport``). ``clock`` is the one "now" of a call, read once: it dates
     the self-fetched queries' filters, the ECG's maximum age, the feature windows, the
     recent-result window of the cards and the audit row. ``controls`` is the kill-switch file and
-    ``audit`` the audit trail (both built by the app).
+    ``audit`` the audit trail (both built by the app). ``smart_backend`` maps an issuer to its
+    SMART Backend Services client: a call of that issuer naming one of its FHIR servers but
+    carrying no ``fhirAuthorization`` is fetched with the service's own token.
     """
 
     settings: Settings
@@ -156,6 +160,7 @@ class PipelineDeps:
     audit: AuditTrail
     fhir_transport: httpx.BaseTransport | None = None
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    smart_backend: Mapping[str, SmartBackendClient] = field(default_factory=dict)
 
 
 class HookPipeline:
@@ -217,7 +222,16 @@ class HookPipeline:
                 )
             work = contextvars.copy_context()
             future = self.deps.executor.submit(
-                work.run, self._evaluate, service, request, decoded, can_fetch, deadline, now, controls
+                work.run,
+                self._evaluate,
+                service,
+                request,
+                caller,
+                decoded,
+                can_fetch,
+                deadline,
+                now,
+                controls,
             )
             try:
                 return future.result(timeout=max(deadline - time.monotonic(), 0.0))
@@ -283,8 +297,12 @@ class HookPipeline:
 
     def _may_fetch(self, request: HookRequest, caller: Caller, *, needed: bool) -> bool:
         """Whether the FHIR server may be queried for this request (logged when it may not)."""
-        if request.fhir_server is None or request.access_token is None:
+        if request.fhir_server is None:
             return False
+        if request.access_token is None:
+            backend = self.deps.smart_backend.get(caller.iss or "")
+            if backend is None or not backend.covers(request.fhir_server):
+                return False
         if not self.deps.authenticator.fhir_server_allowed(caller, request.fhir_server):
             if needed:
                 parts = urlsplit(request.fhir_server)
@@ -302,6 +320,7 @@ class HookPipeline:
         self,
         service: ServiceDef,
         request: HookRequest,
+        caller: Caller,
         decoded: DecodedPrefetch,
         can_fetch: bool,
         deadline: float,
@@ -309,9 +328,16 @@ class HookPipeline:
         controls: ControlState,
     ) -> HookResult:
         """Steps 3-5 on a worker thread: fetch what is missing, extract inputs, predict, build cards."""
-        client = self._client(request, deadline) if can_fetch else None
+        token = None
+        if can_fetch:
+            assert request.fhir_server is not None  # guarded by _may_fetch
+            token = request.access_token or self._backend_token(request.fhir_server, caller, deadline)
+        client = self._client(request, token, deadline) if token is not None else None
+        refused = None
+        if token is not None and request.access_token is None:
+            refused = functools.partial(self.deps.smart_backend[caller.iss or ""].invalidate, token)
         try:
-            data = self._gather(request, decoded, client, now, deadline)
+            data = self._gather(request, decoded, client, now, deadline, on_unauthorized=refused)
             try:
                 inputs = model_inputs(
                     data, mappings=self.deps.mappings, now=now, client=client, deadline=deadline
@@ -379,13 +405,30 @@ class HookPipeline:
             if sha256:
                 extension["modelSha256"] = sha256
 
-    def _client(self, request: HookRequest, deadline: float) -> FhirClient:
-        """A FhirClient for the request's fhirServer and token, its timeout capped by the budget left."""
+    def _client(self, request: HookRequest, token: str, deadline: float) -> FhirClient:
+        """A FhirClient for the request's fhirServer and ``token``, its timeout capped by the budget left."""
         assert request.fhir_server is not None  # guarded by _may_fetch
         timeout = min(self.deps.settings.fhir_timeout_ms / 1000.0, max(deadline - time.monotonic(), 0.01))
-        return FhirClient(
-            request.fhir_server, request.access_token, timeout=timeout, transport=self.deps.fhir_transport
-        )
+        return FhirClient(request.fhir_server, token, timeout=timeout, transport=self.deps.fhir_transport)
+
+    def _backend_token(self, fhir_server: str, caller: Caller, deadline: float) -> str:
+        """The service's own SMART Backend Services token for ``fhir_server`` (the EHR sent none).
+
+        Raises:
+            BudgetExceeded: the token endpoint did not answer within the call's budget.
+            PreconditionFailed: the authorization server gave no token (refused, failed, backing off).
+        """
+        backend = self.deps.smart_backend[caller.iss or ""]  # guarded by _may_fetch
+        try:
+            return backend.token_for(fhir_server, deadline)
+        except TokenTimeout:
+            raise BudgetExceeded("no FHIR token within the budget") from None
+        except SmartBackendError as exc:
+            log.warning("no SMART backend token for iss=%s (%s)", log_safe(caller.iss), exc.code)
+            raise PreconditionFailed(
+                "The FHIR server's authorization server gave the service no token.",
+                diagnostics=f"SMART backend token: {exc.code}",
+            ) from None
 
     def _gather(
         self,
@@ -394,6 +437,8 @@ class HookPipeline:
         client: FhirClient | None,
         now: datetime,
         deadline: float,
+        *,
+        on_unauthorized: Callable[[], None] | None = None,
     ) -> PatientData:
         """PatientData from the prefetch plus the missing keys, FHIR failures mapped to the call's answer."""
         t0 = time.perf_counter()
@@ -410,6 +455,8 @@ class HookPipeline:
         except FhirTimeout:
             raise BudgetExceeded("FHIR fetch ran past the budget") from None
         except FhirError as exc:
+            if isinstance(exc, FhirUnauthorized) and on_unauthorized is not None:
+                on_unauthorized()  # the server refused the service's own token: ask for a new one next time
             status = f" (HTTP {exc.status})" if exc.status else ""
             raise PreconditionFailed(
                 "Required data could not be read from the FHIR server.",

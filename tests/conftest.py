@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.fhir_servers", "tests.figures", "tests.service_fixtures", "tests.training_fixtures"]
+pytest_plugins = [
+    "tests.fhir_servers",
+    "tests.figures",
+    "tests.service_fixtures",
+    "tests.training_fixtures",
+    "tests.oauth_server",
+]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
