@@ -42,7 +42,12 @@ COLUMNS: dict[str, dict[str, str]] = {
         "ref_range_upper": "DOUBLE",
     },
     "d_labitems": {"itemid": "BIGINT", "label": "VARCHAR", "fluid": "VARCHAR"},
-    "patients": {"subject_id": "BIGINT", "gender": "VARCHAR", "anchor_age": "DOUBLE", "anchor_year": "DOUBLE"},
+    "patients": {
+        "subject_id": "BIGINT",
+        "gender": "VARCHAR",
+        "anchor_age": "DOUBLE",
+        "anchor_year": "DOUBLE",
+    },
     "admissions": {"subject_id": "BIGINT", "race": "VARCHAR"},
     "omr": {"subject_id": "BIGINT", "chartdate": "DATE", "result_name": "VARCHAR", "result_value": "VARCHAR"},
     "edstays": {"subject_id": "BIGINT", "race": "VARCHAR"},
