@@ -22,7 +22,6 @@ Plain numpy: the module imports nothing from torch, so it is cheap to call and t
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,39 +29,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fhir_mappings.subgroups import AGE_BAND_EDGES, SEX_NAMES, age_band, sex_name
 from model_training.metrics import bootstrap_auroc, empirical_ci
 
+__all__ = ["AGE_BAND_EDGES", "SEX_NAMES", "age_band", "sex_name", "subgroup_metrics"]
+
 SUBGROUPS_FORMAT = "ecglab-subgroups/1"
-
-#: Lower edges of the age bands, in years; the last band is open. The service side
-#: (:data:`cds_service.monitor.outcomes.AGE_BAND_EDGES`) uses the same edges, checked by a test.
-AGE_BAND_EDGES: tuple[int, ...] = (18, 40, 60, 80)
-
-#: Names of the sex categories in the manifest's ``sex`` encoding (0 female, 1 male).
-SEX_NAMES: tuple[str, ...] = ("female", "male")
-
-
-def age_band(age: float | None) -> str | None:
-    """The band of ``age`` in years (``'18-39'``, ``'40-59'``, ``'60-79'``, ``'80+'``; ``'<18'`` below).
-
-    ``None`` or a non-finite age gives ``None`` (unknown: left out of the age-band figures).
-    """
-    if age is None or not math.isfinite(age):
-        return None
-    if age < AGE_BAND_EDGES[0]:
-        return f"<{AGE_BAND_EDGES[0]}"
-    for low, high in itertools.pairwise(AGE_BAND_EDGES):
-        if age < high:
-            return f"{low}-{high - 1}"
-    return f"{AGE_BAND_EDGES[-1]}+"
-
-
-def sex_name(code: float | None) -> str | None:
-    """``'female'``/``'male'`` for the encoded sex (0/1); ``None`` when missing or out of range."""
-    if code is None or not math.isfinite(code):
-        return None
-    index = round(code)
-    return SEX_NAMES[index] if 0 <= index < len(SEX_NAMES) else None
 
 
 def subgroup_metrics(

@@ -14,13 +14,12 @@ site's own data, so that a realised AUROC means the same as the test-fold AUROC 
   (the prediction still counts for the alert rate).
 
 Subgroups are derived from the audited model inputs: sex from the encoded ``sex`` category, age
-band from ``age`` (:data:`AGE_BAND_EDGES`, the same bands as ``model_training.subgroups``).
+band from ``age`` (:data:`AGE_BAND_EDGES`, the contract's bands in ``fhir_mappings.subgroups``).
 """
 
 from __future__ import annotations
 
 import bisect
-import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,21 +28,9 @@ from datetime import datetime, timedelta
 from cds_service.audit import AuditRecord
 from fhir_mappings import Mappings
 from fhir_mappings.manifest import Manifest
+from fhir_mappings.subgroups import age_band
 
 EST_WINDOW_MIN = 60
-AGE_BAND_EDGES: tuple[int, ...] = (18, 40, 60, 80)
-
-
-def age_band(age: float | None) -> str | None:
-    """``'<18'``, ``'18-39'``, ``'40-59'``, ``'60-79'`` or ``'80+'``; ``None`` when unknown."""
-    if age is None or not math.isfinite(age):
-        return None
-    if age < AGE_BAND_EDGES[0]:
-        return f"<{AGE_BAND_EDGES[0]}"
-    for low, high in itertools.pairwise(AGE_BAND_EDGES):
-        if age < high:
-            return f"{low}-{high - 1}"
-    return f"{AGE_BAND_EDGES[-1]}+"
 
 
 @dataclass(frozen=True)

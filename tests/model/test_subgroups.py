@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cds_service.monitor.outcomes import AGE_BAND_EDGES as SERVICE_EDGES
-from cds_service.monitor.outcomes import age_band as service_age_band
+from cds_service.monitor import outcomes as service_outcomes
+from fhir_mappings import subgroups as contract
 from model_training.subgroups import AGE_BAND_EDGES, age_band, sex_name, subgroup_metrics
 
 
@@ -45,10 +45,18 @@ def test_age_bands_and_sex_names() -> None:
 
 
 def test_service_uses_the_same_age_bands() -> None:
-    """The monitor (cds_service, which may not import model_training) bands ages identically."""
-    assert SERVICE_EDGES == AGE_BAND_EDGES
-    for age in np.linspace(0, 110, 221):
-        assert service_age_band(float(age)) == age_band(float(age))
+    """Evaluate and the monitor band ages with the one definition in the contract (fhir_mappings)."""
+    assert service_outcomes.age_band is contract.age_band is age_band
+    assert AGE_BAND_EDGES == contract.AGE_BAND_EDGES == (18, 40, 60, 80)
+    assert [age_band(float(a)) for a in (17.9, 18, 39.9, 40, 79, 80, 104)] == [
+        "<18",
+        "18-39",
+        "18-39",
+        "40-59",
+        "60-79",
+        "80+",
+        "80+",
+    ]
 
 
 def test_points_match_sklearn_and_gap_shows_the_unfair_target() -> None:
