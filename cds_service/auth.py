@@ -51,11 +51,10 @@ from cds_service.issuers import (
     JwksError,
     checked_jku,
     find_key,
-    is_loopback_url,
-    url_has_prefix,
 )
 from cds_service.observability import log_safe
 from cds_service.settings import Settings
+from cds_service.url_rules import is_loopback_url, url_has_prefix
 from fhir_mappings.errors import EcglabError
 
 log = logging.getLogger(__name__)

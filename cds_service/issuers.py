@@ -46,7 +46,6 @@ off), so a JWKS endpoint that is briefly down does not lock the EHR out; then th
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import re
@@ -57,13 +56,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
 import yaml
 
 from cds_service.smart_backend_config import SmartBackendConfig
+from cds_service.url_rules import origin, url_has_prefix, url_problem
 from fhir_mappings.errors import ConfigError, EcglabError
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,6 @@ ISSUER_BUDGET_WINDOW_S = 60.0
 MAX_CACHED_URLS = 64
 MAX_TRACKED_URLS = 256
 _URL_CHARS = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
-_DOT_SEGMENT = re.compile(r"(?:\.|%2e){1,2}", re.IGNORECASE)
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class JwksError(EcglabError):
@@ -115,86 +113,15 @@ class IssuerConfig:
         return any(url_has_prefix(url, prefix) for prefix in self.fhir_servers)
 
 
-def _has_dot_segment(path: str) -> bool:
-    """Whether a URL path has a ``.`` or ``..`` segment, also percent-encoded (``%2e``, ``.%2E``)."""
-    return any(_DOT_SEGMENT.fullmatch(segment) for segment in path.split("/"))
-
-
-def _origin(parts: SplitResult) -> tuple[str, str | None, int]:
-    """(scheme, host, port) of a split URL, the port defaulted; ValueError for a bad port."""
-    return parts.scheme, parts.hostname, parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
-
-
-def url_has_prefix(url: str, prefix: str) -> bool:
-    """Structural URL prefix test: same scheme, host and port; path under the prefix's path.
-
-    Rejects URLs with credentials and dot path segments (also percent-encoded), which a server
-    could resolve outside the allowed path.
-    """
-    try:
-        u, p = urlsplit(url), urlsplit(prefix)
-        if u.scheme not in ("http", "https") or u.username or u.password or not u.hostname:
-            return False
-        if _has_dot_segment(u.path) or _origin(u) != _origin(p):
-            return False
-    except ValueError:
-        return False
-    base = p.path if p.path.endswith("/") else p.path + "/"
-    path = u.path if u.path.endswith("/") else u.path + "/"
-    return path.startswith(base)
-
-
 def _jku_matches(jku: str, entry: str) -> bool:
     """A ``jku_allow`` entry admits ``jku``: under it when its path ends in ``/`` or is empty, else equal."""
     if entry.endswith("/") or not urlsplit(entry).path:
         return url_has_prefix(jku, entry)
     try:
         u, e = urlsplit(jku), urlsplit(entry)
-        return _origin(u) == _origin(e) and u.path == e.path and not u.query and not u.fragment
+        return origin(u) == origin(e) and u.path == e.path and not u.query and not u.fragment
     except ValueError:
         return False
-
-
-def is_loopback_url(url: str) -> bool:
-    """Whether ``url`` is an http(s) URL on this machine (localhost, 127.0.0.0/8 or ::1)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:
-        return False
-    if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
-        return False
-    return _is_loopback_host(host)
-
-
-def _is_loopback_host(host: str) -> bool:
-    """localhost, an address in 127.0.0.0/8 or ::1."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _url_problem(value: str) -> str | None:
-    """Why ``value`` is not an https URL (http on loopback) without credentials, query, fragment or dot segments."""
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018  (raises ValueError for a malformed port)
-    except ValueError:
-        return "is not a valid URL"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "is not an http(s) URL"
-    if parts.username or parts.password:
-        return "must not carry credentials"
-    if parts.scheme != "https" and not _is_loopback_host(parts.hostname):
-        return "must use https (plain http only on a loopback host)"
-    if parts.query or parts.fragment or "?" in value or "#" in value:
-        return "must not carry a query or fragment"
-    if _has_dot_segment(parts.path) or "\\" in value:
-        return "must not contain dot segments or backslashes"
-    return None
 
 
 def checked_jku(value: Any) -> str:
@@ -203,7 +130,7 @@ def checked_jku(value: Any) -> str:
         raise JwksError("jku is not a string")
     if not value or len(value) > MAX_JKU_CHARS or not _URL_CHARS.fullmatch(value):
         raise JwksError("jku is empty, too long or holds characters no URL has")
-    problem = _url_problem(value)
+    problem = url_problem(value)
     if problem is not None:
         raise JwksError(f"jku {problem}")
     return value
@@ -277,7 +204,7 @@ def _url_list(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where}: expected a list of URL strings")
     for item in value:
-        problem = _url_problem(item)
+        problem = url_problem(item)
         if problem is not None:
             raise ConfigError(f"{where}: {item!r} {problem}")
     return tuple(value)

@@ -41,12 +41,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import SplitResult, urlsplit
 
 import httpx
 import jwt
 
-from cds_service.smart_backend_config import CacheKey, SmartBackendConfig, has_dot_segment
+from cds_service.smart_backend_config import CacheKey, SmartBackendConfig
+from cds_service.url_rules import url_has_prefix
 from fhir_mappings.errors import ConfigError, EcglabError
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,6 @@ MAX_TOKEN_CHARS: Final = 16_384
 _ACCESS_TOKEN = re.compile(rf"[\x21-\x7e]{{1,{MAX_TOKEN_CHARS}}}")
 _ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _ERROR_DESCRIPTION = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §5.2 charset
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 __all__ = [
     "FhirServerNotAllowed",
@@ -304,7 +303,7 @@ class SmartBackendClient:
 
     def covers(self, fhir_server: str) -> bool:
         """Whether :meth:`token_for` would give a token for ``fhir_server``."""
-        return any(_same_or_under(fhir_server, base) for base in self.fhir_servers)
+        return any(url_has_prefix(fhir_server, base) for base in self.fhir_servers)
 
     def token_for(self, fhir_server: str, deadline: float) -> str:
         """An access token to send to ``fhir_server``, by ``deadline`` (a :func:`time.monotonic` instant).
@@ -375,31 +374,6 @@ class SmartBackendClient:
             issued.lifetime_s,
         )
         return issued
-
-
-def _same_or_under(url: str, base: str) -> bool:
-    """Same scheme, host and port as ``base``, path at or under its path at a ``/`` boundary.
-
-    ``url`` must carry no credentials, query, fragment or dot segments (literal or encoded).
-    """
-    try:
-        u, b = urlsplit(url), urlsplit(base)
-        if u.scheme not in _DEFAULT_PORTS or not u.hostname or u.username or u.password:
-            return False
-        if u.query or u.fragment or "?" in url or "#" in url or "\\" in url or has_dot_segment(u.path):
-            return False
-        if _origin(u) != _origin(b):
-            return False
-    except ValueError:
-        return False
-    prefix = b.path if b.path.endswith("/") else b.path + "/"
-    path = u.path if u.path.endswith("/") else u.path + "/"
-    return path.startswith(prefix)
-
-
-def _origin(parts: SplitResult) -> tuple[str, str | None, int]:
-    """(scheme, host, port) with the scheme's default port filled in; ValueError for a bad port."""
-    return parts.scheme, parts.hostname, parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
 
 
 def _read_capped(response: httpx.Response, limit: float) -> bytes:

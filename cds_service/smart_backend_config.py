@@ -27,19 +27,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from cds_service.url_rules import url_problem
 from fhir_mappings.errors import ConfigError
 
 ALGORITHMS: Final = ("RS384", "ES384")
@@ -52,7 +51,6 @@ MIN_RSA_BITS: Final = 2048
 
 _PRINTABLE_ID = re.compile(r"[\x21-\x7e]{1,255}")
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §3.3 scope-token
-_DOT_SEGMENT = re.compile(r"(?:\.|%2e){1,2}", re.IGNORECASE)
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 CacheKey = tuple[str, str, str]
@@ -140,39 +138,12 @@ class SmartBackendConfig:
 
 
 def _check_url(value: Any, where: str) -> None:
-    """An absolute https URL (http on loopback only) without credentials, query, fragment or dot segments."""
+    """An acceptable configuration URL (:func:`cds_service.url_rules.url_problem`), else ConfigError."""
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected a URL string")
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018  (raises ValueError for a malformed port)
-    except ValueError:
-        raise ConfigError(f"{where}: {value!r} is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{where}: {value!r} is not an absolute http(s) URL")
-    if parts.username or parts.password:
-        raise ConfigError(f"{where}: {value!r} must not carry credentials")
-    if parts.scheme != "https" and not _is_loopback_host(parts.hostname):
-        raise ConfigError(f"{where}: {value!r} must use https (plain http only on a loopback host)")
-    if parts.query or parts.fragment or "?" in value or "#" in value:
-        raise ConfigError(f"{where}: {value!r} must not carry a query or fragment")
-    if has_dot_segment(parts.path) or "\\" in value:
-        raise ConfigError(f"{where}: {value!r} must not contain dot segments or backslashes")
-
-
-def _is_loopback_host(host: str) -> bool:
-    """localhost, an address in 127.0.0.0/8 or ::1."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def has_dot_segment(path: str) -> bool:
-    """Whether a URL path has a ``.`` or ``..`` segment, also percent-encoded."""
-    return any(_DOT_SEGMENT.fullmatch(segment) for segment in path.split("/"))
+    problem = url_problem(value)
+    if problem is not None:
+        raise ConfigError(f"{where}: {value!r} {problem}")
 
 
 def _checked_scope(value: Any, where: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from cds_service.db import SeenToken, init_db, make_engine, purge_expired_tokens, remember_token
-from cds_service.issuers import url_has_prefix
+from cds_service.url_rules import url_has_prefix
 from tests.security.test_security_feedback import issue_card
 from tests.service_fixtures import (
     EHR_ISS,
