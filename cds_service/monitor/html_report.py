@@ -10,52 +10,16 @@ All text is HTML-escaped; the report holds aggregate figures only.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
+
+from cds_service.html_parts import BASE_CSS, ci, esc, num, table
 
 MAX_RELIABILITY_PANELS = 24
 
-_CSS = (
-    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#111}"
-    "table{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}td,th{border:1px solid #bbb;"
-    "padding:3px 7px;text-align:left}th{background:#f0f0f0}td.num{text-align:right}"
-    "img{max-width:100%;border:1px solid #eee}h2{border-bottom:1px solid #ccc}"
-    "@media print{body{max-width:none;margin:0}tr{page-break-inside:avoid}}"
-)
-
-
-def _esc(value: Any) -> str:
-    """Escaped text ('—' for ``None``)."""
-    return "—" if value is None else html.escape(str(value), quote=True)
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    """A finite number with ``digits`` decimals, else '—'."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return "—"
-    return f"{value:.{digits}f}"
-
-
-def _ci(point: Any, low: Any, high: Any) -> str:
-    """'0.81 [0.75, 0.86]' or '—'."""
-    return "—" if _num(point) == "—" else f"{_num(point)} [{_num(low)}, {_num(high)}]"
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """A table of pre-escaped cells; cells that look numeric are right-aligned."""
-    out = ["<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>"]
-    count = 0
-    for row in rows:
-        count += 1
-        cells = "".join(
-            f"<td class='num'>{c}</td>" if c[:1].isdigit() or c == "—" else f"<td>{c}</td>" for c in row
-        )
-        out.append(f"<tr>{cells}</tr>")
-    out.append("</table>")
-    return "".join(out) if count else "<p>None.</p>"
+_CSS = BASE_CSS + "table{margin:.5em 0 1.5em}img{max-width:100%;border:1px solid #eee}"
 
 
 def _png(fig: Any) -> str:
@@ -95,7 +59,7 @@ def _figures(report: Mapping[str, Any]) -> str:
                 ax.plot([m for m, _ in pairs], [o for _, o in pairs], marker="o", color="#1f5fa8")
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1)
-            ax.set_title(f"{target}\nECE {_num(targets[target].get('ece'), 2)}", fontsize=8)
+            ax.set_title(f"{target}\nECE {num(targets[target].get('ece'), 2)}", fontsize=8)
             ax.tick_params(labelsize=7)
         fig.supxlabel("mean predicted probability")
         fig.supylabel("observed abnormal rate")
@@ -129,18 +93,18 @@ def render_report_html(report: Mapping[str, Any]) -> str:
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ecglab local validation report</title>",
         f"<style>{_CSS}</style></head><body><h1>ecglab local validation report</h1>",
-        f"<p>Period {_esc(period.get('since'))} to {_esc(period.get('until'))}; model {_esc(model.get('version'))} "
-        f"(sha256 <code>{_esc(model.get('sha256'))}</code>); FHIR server {_esc(report.get('fhir_server'))}; "
-        f"generated {_esc(report.get('generated_at'))}.</p>",
+        f"<p>Period {esc(period.get('since'))} to {esc(period.get('until'))}; model {esc(model.get('version'))} "
+        f"(sha256 <code>{esc(model.get('sha256'))}</code>); FHIR server {esc(report.get('fhir_server'))}; "
+        f"generated {esc(report.get('generated_at'))}.</p>",
         "<h2>Summary</h2>",
-        _table(
+        table(
             ("Calls", "Predictions", "Evaluable targets", "Macro AUROC [95% CI]"),
             [
                 (
-                    _esc(summary.get("n_calls")),
-                    _esc(summary.get("n_predictions")),
-                    _esc(summary.get("n_targets_evaluable")),
-                    _ci(
+                    esc(summary.get("n_calls")),
+                    esc(summary.get("n_predictions")),
+                    esc(summary.get("n_targets_evaluable")),
+                    ci(
                         summary.get("macro_auroc"),
                         summary.get("macro_auroc_ci_low"),
                         summary.get("macro_auroc_ci_high"),
@@ -148,9 +112,9 @@ def render_report_html(report: Mapping[str, Any]) -> str:
                 )
             ],
         ),
-        _table(("Count", "Value"), [(_esc(k), _esc(v)) for k, v in (report.get("counts") or {}).items()]),
+        table(("Count", "Value"), [(esc(k), esc(v)) for k, v in (report.get("counts") or {}).items()]),
         "<h2>Per target</h2>",
-        _table(
+        table(
             (
                 "Target",
                 "Threshold",
@@ -165,30 +129,30 @@ def render_report_html(report: Mapping[str, Any]) -> str:
             ),
             [
                 (
-                    _esc(t),
-                    _num(e.get("threshold")),
-                    _esc(e.get("n_predictions")),
-                    _num(e.get("alert_rate")),
-                    _esc(e.get("n_outcomes")),
-                    _esc(e.get("n_pos")),
-                    _ci(e.get("auroc"), e.get("auroc_ci_low"), e.get("auroc_ci_high")),
-                    _ci(e.get("ppv"), e.get("ppv_ci_low"), e.get("ppv_ci_high")),
-                    _ci(e.get("sensitivity"), e.get("sensitivity_ci_low"), e.get("sensitivity_ci_high")),
-                    _num(e.get("ece")),
+                    esc(t),
+                    num(e.get("threshold")),
+                    esc(e.get("n_predictions")),
+                    num(e.get("alert_rate")),
+                    esc(e.get("n_outcomes")),
+                    esc(e.get("n_pos")),
+                    ci(e.get("auroc"), e.get("auroc_ci_low"), e.get("auroc_ci_high")),
+                    ci(e.get("ppv"), e.get("ppv_ci_low"), e.get("ppv_ci_high")),
+                    ci(e.get("sensitivity"), e.get("sensitivity_ci_low"), e.get("sensitivity_ci_high")),
+                    num(e.get("ece")),
                 )
                 for t, e in (report.get("targets") or {}).items()
             ],
         ),
         "<h2>By subgroup</h2>",
-        _table(
+        table(
             ("Attribute", "Group", "Calls", "Evaluable targets", "Macro AUROC [95% CI]"),
             [
                 (
-                    _esc(attribute),
-                    _esc(group),
-                    _esc(e.get("n")),
-                    _esc(e.get("n_targets_evaluable")),
-                    _ci(e.get("macro_auroc"), e.get("macro_auroc_ci_low"), e.get("macro_auroc_ci_high")),
+                    esc(attribute),
+                    esc(group),
+                    esc(e.get("n")),
+                    esc(e.get("n_targets_evaluable")),
+                    ci(e.get("macro_auroc"), e.get("macro_auroc_ci_low"), e.get("macro_auroc_ci_high")),
                 )
                 for attribute, groups in (summary.get("by_subgroup") or {}).items()
                 for group, e in groups.items()
@@ -205,38 +169,38 @@ def render_report_html(report: Mapping[str, Any]) -> str:
 
 def _drift(drift: Mapping[str, Any]) -> str:
     """Input drift table, or why drift is unavailable."""
-    head = f"<h2>Input drift</h2><p>Reference: {_esc(drift.get('reference'))}.</p>"
+    head = f"<h2>Input drift</h2><p>Reference: {esc(drift.get('reference'))}.</p>"
     features = drift.get("features")
     if not features:
         return head + "<p>Unavailable: no reference distribution (see --reference).</p>"
     rows = [
         (
-            _esc(k),
-            _num(v.get("psi")),
-            _esc(v.get("band")),
-            _num(v.get("missing_reference")),
-            _num(v.get("missing_current")),
+            esc(k),
+            num(v.get("psi")),
+            esc(v.get("band")),
+            num(v.get("missing_reference")),
+            num(v.get("missing_current")),
         )
         for k, v in features.items()
     ]
-    return head + _table(("Input", "PSI", "Band", "Missing (reference)", "Missing (now)"), rows)
+    return head + table(("Input", "PSI", "Band", "Missing (reference)", "Missing (now)"), rows)
 
 
 def _feedback(feedback: Mapping[str, Any]) -> str:
     """Feedback per lab with the override reasons."""
     rows = [
         (
-            _esc(lab),
-            _esc(e.get("live_cards")),
-            _esc(e.get("shadow_cards")),
-            _esc(e.get("accepted")),
-            _esc(e.get("overridden")),
-            _num(e.get("acceptance_rate")),
-            _esc("; ".join(f"{r} ({n})" for r, n in (e.get("override_reasons") or {}).items())),
+            esc(lab),
+            esc(e.get("live_cards")),
+            esc(e.get("shadow_cards")),
+            esc(e.get("accepted")),
+            esc(e.get("overridden")),
+            num(e.get("acceptance_rate")),
+            esc("; ".join(f"{r} ({n})" for r, n in (e.get("override_reasons") or {}).items())),
         )
         for lab, e in feedback.items()
     ]
-    return "<h2>Clinician feedback per lab</h2>" + _table(
+    return "<h2>Clinician feedback per lab</h2>" + table(
         ("Lab", "Live cards", "Shadow cards", "Accepted", "Overridden", "Acceptance", "Override reasons"),
         rows,
     )
