@@ -6,11 +6,10 @@ from ``current_app.extensions["ecglab"]`` (:class:`cds_service.app.ServiceState`
 * :data:`blueprint` — discovery, hook calls, feedback, the model card (``GET
   /cds-services/model-card`` as JSON, ``GET /model-card`` as HTML: no JWT, since the card holds
   no patient data and a clinician follows the cards' link to it from the EHR; the HTML page is
-  served without CORS headers and with a Content-Security-Policy that allows nothing but its own
-  inline style) and ``/healthz``, plus the app-wide
-  request hooks (timer, CORS preflight and headers, request metrics) and error handlers (401,
-  Werkzeug HTTP errors, unexpected exceptions), so that every path, ``/demo`` included, answers
-  the same way;
+  served with a Content-Security-Policy that allows nothing but its own inline style) and
+  ``/healthz``, plus the app-wide request hooks (timer, CORS preflight and headers, request
+  metrics) and error handlers (401, Werkzeug HTTP errors, unexpected exceptions), so that every
+  path, ``/demo`` included, answers the same way;
 * :data:`metrics_blueprint` — ``GET /metrics``, registered only with ``ECGLAB_METRICS`` on (off,
   the path does not exist: 404), followed by the gauges of the newest ``ecglab monitor`` report
   in ``ECGLAB_MONITOR_DIR`` (``ecglab_local_*``, ``ecglab_input_psi``, …).
@@ -20,6 +19,22 @@ The kill switch has no endpoint: it is the ``ECGLAB_CONTROLS`` file, re-read whe
 
 Every non-2xx answer carries a FHIR OperationOutcome (``application/fhir+json``); a 401 says only
 "unauthorized" (cdshooks.md §8, BP), and a 500 never contains a stack trace.
+
+Browser exposure. A web page on another site can make a browser send a "simple" cross-site POST
+(``text/plain``, ``application/x-www-form-urlencoded`` or ``multipart/form-data``, no custom
+headers) without asking anyone. So a hook or feedback body must be declared JSON:
+``application/json`` (what CDS Hooks clients send) or ``application/fhir+json`` (accepted for
+EHRs that label every FHIR-flavoured payload so), with no charset or UTF-8 (RFC 8259 JSON is
+UTF-8); anything else, a missing Content-Type included, is a 415 OperationOutcome. Neither type is
+CORS-safelisted, so a cross-site page can only send them after a preflight, which CORS decides.
+The Content-Type is checked first, before the JWT: the 415 is the same whatever the token (it says
+nothing about whether authentication would pass), and costs no key download or ``jti``.
+
+CORS headers go only on the CDS Hooks endpoints (discovery, hook calls, feedback and their
+``OPTIONS`` preflights), which browser-based clients such as the CDS Hooks Sandbox call; the model
+card, ``/healthz``, ``/metrics`` and ``/demo`` never carry them. ``ECGLAB_CORS_ORIGINS`` lists the
+origins (empty by default: no CORS at all); ``*`` needs auth on (:meth:`Settings.check`), where
+every call still needs the EHR's bearer JWT and no cookie is ever honoured.
 """
 
 from __future__ import annotations
@@ -57,6 +72,12 @@ FHIR_JSON = "application/fhir+json"
 CDS_PREFIX = "/cds-services"
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 ALLOWED_HEADERS = "Authorization, Content-Type, Accept"
+#: Media types a hook or feedback body may be declared as; neither is CORS-safelisted.
+JSON_MEDIA_TYPES = frozenset({"application/json", "application/fhir+json"})
+#: The charsets a JSON body may declare (RFC 8259 §8.1: JSON exchanged between systems is UTF-8).
+JSON_CHARSETS = frozenset({"utf-8", "utf8"})
+#: The endpoints of the CDS Hooks API proper: the only ones that answer CORS.
+CORS_ENDPOINTS = frozenset({"ecglab.discovery", "ecglab.hook", "ecglab.feedback"})
 #: Deepest JSON nesting accepted in a request body. A prefetched FHIR resource nests about a dozen
 #: levels; thousands of levels make the JSON parser (and any recursive reader) hit Python's
 #: recursion limit, which must be a 400, not a 500.
@@ -133,13 +154,49 @@ def _endpoint_kind(path: str) -> str:
     return "other"
 
 
+def _unsupported_media_type() -> Response | None:
+    """A 415 OperationOutcome unless the body is declared UTF-8 JSON (see the module docstring).
+
+    Called before authentication, so a cross-site "simple request" is refused with the same answer
+    whatever it carries, and before the body is read.
+    """
+    charset = request.mimetype_params.get("charset", "utf-8").strip().lower()
+    if request.mimetype in JSON_MEDIA_TYPES and charset in JSON_CHARSETS:
+        return None
+    log.info("415 on %s: Content-Type %s", request.path, log_safe(request.content_type or "(none)")[:120])
+    return _outcome_response(415, "Content-Type must be application/json (UTF-8)", code="not-supported")
+
+
 def _cors_origin() -> str | None:
-    """The ``Access-Control-Allow-Origin`` value for this request, or ``None`` for a foreign origin."""
+    """The ``Access-Control-Allow-Origin`` value for this request, or ``None`` for no CORS headers.
+
+    ``None`` off the CDS Hooks endpoints, with no origins configured, and for an origin not listed.
+    """
     allowed = _state().settings.cors_origins
+    if request.endpoint not in CORS_ENDPOINTS or not allowed:
+        return None
     if "*" in allowed:
         return "*"
-    origin = request.headers.get("Origin", "").rstrip("/")
-    return origin if origin in allowed else None
+    origin = request.headers.get("Origin", "").rstrip("/").lower()
+    return origin if origin in {o.lower() for o in allowed} else None
+
+
+def _preflight() -> Response:
+    """The ``204`` answer to a CORS preflight; it names methods and headers only to a listed origin.
+
+    ``Access-Control-Allow-Private-Network`` answers Chrome's Private Network Access preflight, so
+    a public page such as the CDS Hooks Sandbox may call a service on the user's own machine (the
+    compose set-up), once the origin is listed.
+    """
+    response = Response(status=204)
+    del response.headers["Content-Type"]
+    if _cors_origin() is not None:
+        response.headers["Access-Control-Allow-Methods"] = ALLOWED_METHODS
+        response.headers["Access-Control-Allow-Headers"] = ALLOWED_HEADERS
+        response.headers["Access-Control-Max-Age"] = "600"
+        if request.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
+            response.headers["Access-Control-Allow-Private-Network"] = "true"
+    return response
 
 
 def _authenticate() -> Caller:
@@ -154,26 +211,22 @@ def _authenticate() -> Caller:
 
 @blueprint.before_app_request
 def _start() -> Response | None:
-    """Start the request timer; answer CORS preflights here, before any authentication."""
+    """Start the request timer; answer CORS preflights of the CDS endpoints, before any authentication."""
     g.started = time.perf_counter()
-    if request.method == "OPTIONS" and request.path.startswith(CDS_PREFIX):
-        response = Response(status=204)
-        del response.headers["Content-Type"]
-        response.headers["Access-Control-Allow-Methods"] = ALLOWED_METHODS
-        response.headers["Access-Control-Allow-Headers"] = ALLOWED_HEADERS
-        response.headers["Access-Control-Max-Age"] = "600"
-        return response
+    if request.method == "OPTIONS" and request.endpoint in CORS_ENDPOINTS:
+        return _preflight()
     return None
 
 
 @blueprint.after_app_request
 def _finish(response: Response) -> Response:
-    """Add CORS headers (not to the HTML model card) and record request count and latency metrics."""
-    origin = _cors_origin() if request.path != MODEL_CARD_PATH else None
+    """Add CORS headers (CDS endpoints only) and record request count and latency metrics."""
+    origin = _cors_origin()
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
-        if origin != "*":
-            response.vary.add("Origin")
+    allowed = _state().settings.cors_origins
+    if request.endpoint in CORS_ENDPOINTS and allowed and "*" not in allowed:
+        response.vary.add("Origin")  # the answer depends on the Origin, allowed or not: caches must know
     kind = "preflight" if request.method == "OPTIONS" else _endpoint_kind(request.path)
     service_id = (request.view_args or {}).get("service_id", "-")
     service_label = service_id if service_id in SERVICES or service_id == "-" else "unknown"
@@ -221,6 +274,9 @@ def discovery() -> Response:
 @blueprint.post(f"{CDS_PREFIX}/<service_id>")
 def hook(service_id: str) -> Response:
     """``POST /cds-services/{id}``: run the hook pipeline and answer cards or an OperationOutcome."""
+    unsupported = _unsupported_media_type()
+    if unsupported is not None:
+        return unsupported
     caller = _authenticate()
     service = SERVICES.get(service_id)
     if service is None:
@@ -260,6 +316,9 @@ def hook(service_id: str) -> Response:
 @blueprint.post(f"{CDS_PREFIX}/<service_id>/feedback")
 def feedback(service_id: str) -> Response:
     """``POST /cds-services/{id}/feedback``: parse and store clinician feedback idempotently."""
+    unsupported = _unsupported_media_type()
+    if unsupported is not None:
+        return unsupported
     caller = _authenticate()
     if service_id not in SERVICES:
         return _outcome_response(404, f"No CDS service with id {log_safe(service_id)}", code="not-found")

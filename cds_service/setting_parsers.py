@@ -150,10 +150,8 @@ def parse_str_list(raw: str, name: str) -> tuple[str, ...]:
 
 
 def parse_cors(raw: str, name: str) -> tuple[str, ...]:
-    """Comma-separated origins (scheme://host[:port]) or ``*``."""
+    """Comma-separated origins (scheme://host[:port]) or ``*``; empty means none (no CORS)."""
     items = parse_str_list(raw, name)
-    if not items:
-        raise ConfigError(f"{name}: list at least one origin, or '*'")
     for item in items:
         if item != "*":
             parts = urlsplit(item)

@@ -56,7 +56,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.budget_ms == 1500
     assert settings.model_dir == default_model_dir() == Path(__file__).resolve().parents[2] / "models"
     assert settings.database_url.startswith("sqlite:///")
-    assert (settings.fail_quiet, settings.cors_origins, settings.port) == (False, ("*",), 8080)
+    assert (settings.fail_quiet, settings.cors_origins, settings.port) == (False, (), 8080)
     assert Settings.__dataclass_fields__["auth"].default is True
 
 
@@ -91,6 +91,7 @@ def test_environment_values_are_parsed() -> None:
         ("ECGLAB_INDICATOR_MAP", "critical>=0.8:urgent;*>=0:info"),
         ("ECGLAB_INDICATOR_MAP", "critical>=0.8:warning"),
         ("ECGLAB_CORS_ORIGINS", "https://ehr.example.org/path"),
+        ("ECGLAB_CORS_ORIGINS", "*"),  # any web page could call a service without auth
         ("ECGLAB_LOG_LEVEL", "LOUD"),
         ("ECGLAB_ORDER_INTENT", "original-order"),
     ],

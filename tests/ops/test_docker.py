@@ -1,22 +1,71 @@
 """docker/ (issue: demo, docker and README): no Docker daemon exists on the development machines,
 so the compose file is validated against the Compose specification (the ``compose_spec`` parser)
-and the Dockerfile against the rules the issue sets, statically."""
+and the Dockerfile against the rules the issue sets, statically.
+
+The compose file is read as ``docker compose`` reads it: ``${VAR:-default}`` interpolated first
+(:func:`_compose`), with an empty environment unless a test sets variables, then parsed. Issue 14
+(browser exposure): every published port binds the host's loopback unless ``ECGLAB_BIND`` says
+otherwise, and the service allows CORS for the CDS Hooks Sandbox's origin only.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from compose_spec import PyCompose
 
-from cds_service.settings import describe_settings
+from cds_service.settings import Settings, describe_settings
 from tests.generated_docs import dockerfile_header_in_file, dockerfile_settings_header
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
+SANDBOX_ORIGIN = "https://sandbox.cds-hooks.org"
+_VARIABLE = re.compile(r"\$(?:\$|\{(?P<name>\w+)(?:(?P<op>:?-)(?P<default>[^}]*))?\})")
+
+
+def _interpolate(text: str, env: Mapping[str, str]) -> str:
+    """Compose's variable interpolation: ``${X}``, ``${X:-default}`` (unset or empty), ``${X-default}``
+    (unset only) and ``$$``; a variable without a default must be set."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name, op, default = match.group("name"), match.group("op"), match.group("default")
+        if name is None:
+            return "$"
+        value = env.get(name)
+        if (op == ":-" and not value) or (op == "-" and value is None):
+            return default
+        assert value is not None, f"compose.yml needs {name} set: give it a default"
+        return value
+
+    return _VARIABLE.sub(substitute, text)
+
+
+def _compose_text(env: Mapping[str, str] | None = None) -> str:
+    """``docker/compose.yml`` with its variables interpolated from ``env`` (empty by default)."""
+    return _interpolate((DOCKER / "compose.yml").read_text(), env or {})
+
+
+def _compose(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The interpolated compose file as a dict."""
+    spec: dict[str, Any] = yaml.safe_load(_compose_text(env))
+    return spec
+
+
+def _published(spec: Mapping[str, Any]) -> dict[str, list[tuple[str, str, str]]]:
+    """``(host ip, host port, container port)`` of every published port, per service (short syntax)."""
+    ports: dict[str, list[tuple[str, str, str]]] = {}
+    for name, service in spec["services"].items():
+        for entry in service.get("ports", []):
+            assert isinstance(entry, str), f"{name}: use the short 'IP:HOST:CONTAINER' port syntax"
+            host_ip, host_port, container = entry.rsplit(":", 2)
+            ports.setdefault(name, []).append((host_ip, host_port, container))
+    return ports
 
 
 def _instructions() -> list[tuple[str, str]]:
@@ -46,12 +95,36 @@ def _stage(name: str) -> list[tuple[str, str]]:
 
 
 def test_compose_file_is_valid_compose_spec() -> None:
-    compose = PyCompose.from_yaml((DOCKER / "compose.yml").read_text())
+    compose = PyCompose.from_yaml(_compose_text())
     assert sorted(compose.service_names()) == ["ecglab", "hapi", "seed"]
 
 
+def test_compose_publishes_every_port_on_the_host_loopback_by_default() -> None:
+    """Issue 14: auth is off and /metrics is served here, so nothing off the host may reach a port."""
+    ports = _published(_compose())
+    assert ports["ecglab"] == [("127.0.0.1", "8080", "8080")]
+    assert ports["hapi"] == [("127.0.0.1", "8090", "8080")]
+    assert set(ports) == {"ecglab", "hapi"}
+
+
+def test_compose_binds_another_interface_only_when_told() -> None:
+    """``ECGLAB_BIND`` moves both published ports; an empty value keeps the loopback default."""
+    ports = _published(_compose({"ECGLAB_BIND": "0.0.0.0"}))
+    assert {ip for entries in ports.values() for ip, _, _ in entries} == {"0.0.0.0"}
+    PyCompose.from_yaml(_compose_text({"ECGLAB_BIND": "0.0.0.0"}))
+    empty = _published(_compose({"ECGLAB_BIND": ""}))
+    assert {ip for entries in empty.values() for ip, _, _ in entries} == {"127.0.0.1"}
+
+
+def test_compose_service_allows_cors_for_the_sandbox_origin_only() -> None:
+    """Issue 14: auth off forbids CORS '*'; the compose service names the Sandbox, and its settings load."""
+    environment = _compose()["services"]["ecglab"]["environment"]
+    settings = Settings.from_env({key: str(value) for key, value in environment.items()})
+    assert settings.auth is False and settings.cors_origins == (SANDBOX_ORIGIN,)
+
+
 def test_compose_runs_hapi_r4_and_a_one_shot_seed_job() -> None:
-    spec = yaml.safe_load((DOCKER / "compose.yml").read_text())
+    spec = _compose()
     hapi = spec["services"]["hapi"]
     assert hapi["image"].startswith("hapiproject/hapi:") and not hapi["image"].endswith(":latest")
     assert hapi["environment"]["hapi.fhir.fhir_version"] == "R4"
@@ -60,11 +133,11 @@ def test_compose_runs_hapi_r4_and_a_one_shot_seed_job() -> None:
     assert seed["depends_on"]["hapi"]["condition"] == "service_healthy"
     service = spec["services"]["ecglab"]
     assert service["build"]["dockerfile"] == "docker/Dockerfile"
-    assert "8080:8080" in service["ports"]
+    assert "127.0.0.1:8080:8080" in service["ports"]
 
 
 def test_compose_build_targets_exist_in_the_dockerfile() -> None:
-    spec = yaml.safe_load((DOCKER / "compose.yml").read_text())
+    spec = _compose()
     froms = [rest for word, rest in _instructions() if word == "FROM"]
     stages = {f.split(" AS ")[-1] for f in froms if " AS " in f}
     for service in spec["services"].values():
@@ -123,7 +196,7 @@ def test_dockerfile_header_lists_every_setting() -> None:
 
 @pytest.mark.parametrize("service", ["ecglab"])
 def test_compose_service_settings_are_real_settings(service: str) -> None:
-    spec = yaml.safe_load((DOCKER / "compose.yml").read_text())
+    spec = _compose()
     known = {env for env, _, _ in describe_settings()}
     unknown = [k for k in spec["services"][service]["environment"] if k not in known]
     assert not unknown

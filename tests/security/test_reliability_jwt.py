@@ -337,7 +337,7 @@ def test_cors_preflight_answers_without_a_token(make_app, path: str, authorizati
     }
     if authorization:
         headers["Authorization"] = authorization
-    response = make_app().test_client().options(path, headers=headers)
+    response = make_app(cors_origins="*").test_client().options(path, headers=headers)
     assert response.status_code == 204
     assert response.headers["Access-Control-Allow-Origin"] == "*"
     assert "POST" in response.headers["Access-Control-Allow-Methods"]
@@ -347,9 +347,10 @@ def test_cors_preflight_answers_without_a_token(make_app, path: str, authorizati
 
 def test_a_401_still_carries_cors_headers(make_app) -> None:
     """§8 "CORS": a browser client must be able to read the 401 (else it sees an opaque network error)."""
-    response = make_app().test_client().get(DISCOVERY, headers={"Origin": "https://sandbox.cds-hooks.org"})
+    app = make_app(cors_origins="https://sandbox.cds-hooks.org")
+    response = app.test_client().get(DISCOVERY, headers={"Origin": "https://sandbox.cds-hooks.org"})
     assert_bare_401(response)
-    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert response.headers["Access-Control-Allow-Origin"] == "https://sandbox.cds-hooks.org"
 
 
 def test_other_tokens_in_the_request_do_not_authenticate(make_app, service_env: ServiceEnv) -> None:
