@@ -147,10 +147,11 @@ def read(data: bytes, limits: ReadLimits) -> EcgRecording:
 
 def _pydicom_errors() -> tuple[type[BaseException], ...]:
     """What pydicom raises on malformed or truncated bytes (it has no single error type)."""
-    from pydicom.errors import InvalidDicomError
+    from pydicom.errors import BytesLengthException, InvalidDicomError
 
     return (
         InvalidDicomError,
+        BytesLengthException,
         EOFError,
         OSError,
         ValueError,

@@ -80,7 +80,7 @@ def read(data: bytes, limits: ReadLimits) -> EcgRecording:
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-        members = [m for m in archive.infolist() if not m.is_dir()]
+        members = [m for m in archive.infolist() if m.filename and not m.filename.endswith("/")]
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise EcgRejected("unreadable", f"WFDB attachment is not a valid zip ({exc})") from exc
     wanted = [m for m in members if PurePosixPath(m.filename).suffix.lower() in _SUFFIXES]
