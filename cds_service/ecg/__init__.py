@@ -7,7 +7,8 @@
 * :mod:`.canonical` — lead names → the model's 12 leads (aliases, inverted leads, derived limb
   leads, completeness);
 * :mod:`.prepare` — the signal maths shared with training (interpolate, clip, resample, 10 s);
-* :mod:`.select` — which ECG of the patient's FHIR resources is used.
+* :mod:`.select` — which ECG of the patient's FHIR resources is used;
+* :mod:`.isolation` — decoding in a bounded process pool, abandoned at the call's deadline.
 
 Nothing is imported here, so importing one step does not load the others.
 """

@@ -3,7 +3,7 @@
 Every number a vendor file states that drives work (a rate, a sample or lead count, a gain, a
 section length) passes through :func:`number` or :func:`check_declared` before it is used, so a
 hostile header fails fast instead of allocating or looping. Decoders report their running output to
-:func:`check_inflation`, the byte and ratio cap of :class:`~cds_service.ecg.record.ReadLimits`.
+:func:`~cds_service.ecg.readers.common.check_inflated`, the byte and ratio cap of :class:`~cds_service.ecg.record.ReadLimits`.
 :func:`make_recording` builds the :class:`~cds_service.ecg.record.EcgRecording` and applies
 :func:`check_plausible`: a lead that after scaling to mV looks like raw ADC counts, volts or a flat
 line is refused (``implausible_amplitude``) rather than handed to the model.
@@ -86,21 +86,6 @@ def check_declared(n_leads: int, n_samples: int, fs: float, limits: ReadLimits, 
             f"{limits.max_unpacked_bytes} bytes decoded",
         )
     return rate
-
-
-def check_inflation(produced: int, consumed: int, limits: ReadLimits, what: str) -> None:
-    """Running cap on a decompressor: ``produced`` output bytes from ``consumed`` input bytes.
-
-    Raises:
-        EcgRejected: ``attachment_too_large`` past ``max_unpacked_bytes`` or ``max_ratio``.
-    """
-    if produced > limits.max_unpacked_bytes:
-        raise EcgRejected("attachment_too_large", f"{what} inflates past {limits.max_unpacked_bytes} bytes")
-    if produced > limits.max_ratio * max(consumed, 1):
-        raise EcgRejected(
-            "attachment_too_large",
-            f"{what} inflates {produced} bytes from {consumed}, more than {limits.max_ratio:g}×",
-        )
 
 
 def check_plausible(signal: npt.NDArray[np.float32], names: Sequence[str]) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import numpy.typing as npt
 
-from cds_service.ecg.readers._vendor_signal import check_inflation
+from cds_service.ecg.readers.common import check_inflated
 from cds_service.ecg.record import EcgRejected, ReadLimits
 
 CODE_BITS: int = 10
@@ -83,7 +83,7 @@ def _lzw(packed: bytes, cap: int, spent: int, limits: ReadLimits, consumed: int)
             produced += len(entry)
             if produced > cap:
                 raise EcgRejected("unreadable", f"XLI: a lead inflates past the {cap} bytes it declares")
-            check_inflation(spent + produced, consumed, limits, "XLI waveform")
+            check_inflated(spent + produced, consumed, limits, "XLI waveform")
     return b"".join(out)
 
 

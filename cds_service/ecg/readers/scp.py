@@ -32,11 +32,11 @@ import numpy.typing as npt
 from cds_service.ecg.readers import _vendor_huffman as huffman
 from cds_service.ecg.readers._vendor_signal import (
     check_declared,
-    check_inflation,
     check_size,
     clean_text,
     make_recording,
 )
+from cds_service.ecg.readers.common import check_inflated
 from cds_service.ecg.record import EcgRecording, EcgRejected, ReadLimits
 
 FORMAT: str = "scp-ecg"
@@ -197,7 +197,7 @@ def _decode_leads(
             values = np.frombuffer(stream, dtype="<i2", count=count).astype(np.int64)
         else:
             values = huffman.decode(stream, count, tables, f"SCP-ECG {what} lead {k + 1}")
-        check_inflation(2 * count * (k + 1), max(offset, 1), limits, f"SCP-ECG {what}")
+        check_inflated(2 * count * (k + 1), max(offset, 1), limits, f"SCP-ECG {what}")
         leads.append(_undifference(values, rhythm.differences))
     return leads
 
