@@ -28,11 +28,11 @@ PAPER_CITATION = (
 )
 
 OUTPUT_VALUE = (
-    "For each supported lab test and direction (abnormally low or high), the probability that the value "
-    "is abnormal now (the lab measured within 60 minutes of the ECG) or within the next 30, 60 or 120 "
-    "minutes. When a probability reaches its target's decision threshold, a CDS Hooks card recommends "
-    "ordering that test and offers a draft order; tests already ordered or recently resulted are not "
-    "suggested."
+    "For each supported lab test and direction (abnormally low or high), the calibrated probability that "
+    "the value is abnormal at the time of the ECG (a lab measured within 60 minutes of it) or at least "
+    "once between the ECG and 30, 60 or 120 minutes after it (already abnormal counts). When a "
+    "probability reaches its target's decision threshold, a CDS Hooks card recommends ordering that test "
+    "and offers a draft order; tests already ordered or recently resulted are not suggested."
 )
 
 OUTPUT_TYPE = (
@@ -48,7 +48,8 @@ INTENDED_USE = (
 
 INTENDED_POPULATION = (
     "Adults in an emergency-department or acute-care setting with a standard 10-second 12-lead ECG "
-    "recorded within the last 24 hours."
+    "recent enough that a prediction window is still open (by default at most 120 minutes old, the end "
+    "of the longest forecast window)."
 )
 
 INTENDED_USERS = (
@@ -64,19 +65,19 @@ DECISION_ROLE = (
 
 CAUTIONED_USES = (
     "Do not use for children or adolescents, outside acute care, with ECGs other than a standard "
-    "resting 12-lead recording, or when the newest ECG is older than 24 hours. Do not use to diagnose, "
-    "to decide treatment from the probability, to withhold, delay or cancel a lab test, or as a "
-    "substitute for a measured value. Do not use a model trained on synthetic data for patient care."
+    "resting 12-lead recording, or when the newest ECG is older than the service's ECG age limit (120 "
+    "minutes by default). Do not use to diagnose, to decide treatment from the probability, to withhold, "
+    "delay or cancel a lab test, or as a substitute for a measured value. Do not use a model trained on synthetic data for patient care."
 )
 
 KNOWN_LIMITATIONS = (
     "Developed on a single centre's data (MIMIC-IV, Boston) for the real model; abnormality thresholds "
     "are median reference ranges, not age- or sex-specific; many targets have few positive cases; labels "
     "exist only where a lab was ordered (selection bias); vital signs in training come from the ED only; "
-    "forecasting inputs include vital signs up to 30 minutes after the ECG, as in the published method; "
-    "age on the FHIR side is age at the ECG while training used MIMIC's anchor age. The model has not "
-    "been externally validated, offers no explanation of individual predictions, and its probabilities "
-    "may be miscalibrated at another site until checked locally."
+    "forecasting inputs include vital signs up to 30 minutes after the ECG, as in the published method. "
+    "The model has not been externally validated and offers no explanation of individual predictions; "
+    "its probabilities are calibrated on the development data's validation fold and may be miscalibrated "
+    "at another site until checked ('ecglab monitor') and refitted ('ecglab recalibrate') locally."
 )
 
 INCLUSION_EXCLUSION_MIMIC = (
@@ -125,10 +126,11 @@ FAIRNESS_APPROACH = (
 
 BIAS_MANAGEMENT = (
     "No reweighting or group-specific modelling was applied during training. Bias is managed in "
-    "deployment: targets whose test AUROC CI lower bound is below the service's minimum (ECGLAB_MIN_AUROC) "
-    "never produce cards; subgroup gaps are monitored locally; a lab or a single target can be switched "
-    "off at once through the controls file; thresholds can be re-fitted on local data with "
-    "'ecglab recalibrate'; shadow mode allows measuring all of this before any clinician sees a card."
+    "deployment: targets whose validation-fold AUROC CI lower bound is below the service's minimum "
+    "(ECGLAB_MIN_AUROC) never produce cards; subgroup gaps are monitored locally; a lab or a single target "
+    "can be switched off at once through the controls file; calibration and thresholds can be re-fitted on "
+    "local data with 'ecglab recalibrate'; shadow mode allows measuring all of this before any clinician "
+    "sees a card."
 )
 
 VALIDITY_MONITORING = (

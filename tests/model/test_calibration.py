@@ -1,17 +1,29 @@
-"""Per-target calibration (issue 15): the manifest's maps, their fitting on the validation fold, and
-their application by the service's runtime, with old manifests still serving their raw outputs."""
+"""Per-target calibration (issue 15): the manifest's maps, their fitting on the validation fold, their
+composition (a site's map on top of the parent's, issue 17), and their application by the service's
+runtime, with old manifests still serving their raw outputs."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
+import fhir_mappings.calibration as contract
 from cds_service.inference import ModelRuntime
-from fhir_mappings.calibration import Calibration, Calibrator, logit, sigmoid
+from fhir_mappings.calibration import (
+    COMPOSE_TOLERANCE,
+    Calibration,
+    Calibrator,
+    compose,
+    logit,
+    preimage,
+    sigmoid,
+)
 from fhir_mappings.manifest import load_manifest
 from model_training.calibration import (
     CalibrationFit,
@@ -156,7 +168,7 @@ def test_fit_calibrations_and_summary() -> None:
     assert set(fits) == {"A_high_est", "B_low_mon30"}
     assert all(isinstance(f, CalibrationFit) for f in fits.values())
     assert json.loads(json.dumps(fits["A_high_est"].to_json()))["calibration"]["fold"] == "val"
-    entries = [
+    entries: list[dict[str, object]] = [
         {"ece": 0.02, "ece_raw": 0.2, "brier": 0.1, "brier_raw": 0.15, "calibration": "platt"},
         {"ece": 0.04, "ece_raw": 0.1, "brier": 0.2, "brier_raw": 0.25, "calibration": "isotonic"},
         {"ece": None, "ece_raw": None, "brier": None, "brier_raw": None, "calibration": "identity"},
@@ -167,6 +179,97 @@ def test_fit_calibrations_and_summary() -> None:
     ] == pytest.approx(0.03)
     assert summary["brier_mean_after"] == pytest.approx(0.15)
     assert summary["methods"] == {"identity": 1, "isotonic": 1, "platt": 1}
+
+
+def _platt_loss(y: np.ndarray, p: np.ndarray, a: float, b: float) -> float:
+    """The loss Platt scaling minimises: cross-entropy against the smoothed targets."""
+    n_pos, n_neg = y.sum(), len(y) - y.sum()
+    t = np.where(y > 0.5, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    s = a * logit(p) + b
+    return float(np.sum(t * np.logaddexp(0, -s) + (1 - t) * np.logaddexp(0, s)))
+
+
+def test_platt_fit_is_the_constrained_optimum() -> None:
+    """The numpy Newton fit is the minimum (no nearby point is lower); a reversed ranking pins the
+    slope at its lower bound 1e-3 with the intercept still optimal."""
+    y, p = _draw(1500, slope=0.7, intercept=-0.9, seed=8)
+    fitted = fit_platt(y, p)
+    a, b = fitted.number("a"), fitted.number("b")
+    best = _platt_loss(y, p, a, b)
+    for da, db in [(1e-3, 0), (-1e-3, 0), (0, 1e-3), (0, -1e-3), (1e-3, -1e-3)]:
+        assert _platt_loss(y, p, a + da, b + db) > best
+    reversed_fit = fit_platt(y, 1.0 - p)
+    a_low, b_low = reversed_fit.number("a"), reversed_fit.number("b")
+    assert a_low == pytest.approx(1e-3)
+    low = _platt_loss(y, 1.0 - p, a_low, b_low)
+    assert _platt_loss(y, 1.0 - p, a_low, b_low + 1e-3) > low < _platt_loss(y, 1.0 - p, a_low, b_low - 1e-3)
+
+
+def test_fitting_lives_in_the_contract_without_scipy_or_sklearn() -> None:
+    """Training and the service fit with the same code; importing it (or the site recalibration) loads
+    neither scipy, scikit-learn, torch nor the training package."""
+    assert fit_calibration is contract.fit_calibration and fit_platt is contract.fit_platt
+    code = (
+        "import sys, fhir_mappings.calibration, cds_service.recalibrate; "
+        "print(sorted(m for m in ('scipy', 'sklearn', 'torch', 'model_training') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    local = fit_calibration(*_draw(400, 1.3, -0.5, seed=9), fold="local")
+    assert local.calibration.fold == "local" and local.calibration.n_pos is not None
+    assert fit_calibration(np.zeros(5), np.full(5, 0.2), fold="local").reason == "one class in the local fold"
+
+
+MAPS = {
+    "temperature": Calibration(method="temperature", params={"temperature": 1.7}),
+    "platt": Calibration(method="platt", params={"a": 0.6, "b": -0.8}),
+    "isotonic": Calibration(
+        method="isotonic", params={"x": [0.1, 0.3, 0.3001, 0.6, 0.8], "y": [0.05, 0.05, 0.2, 0.5, 0.9]}
+    ),
+    "isotonic_pav": fit_isotonic(*_draw(3000, slope=1.8, intercept=-1.0, seed=10)),
+}
+
+
+@pytest.mark.parametrize("outer", sorted(MAPS))
+@pytest.mark.parametrize("inner", [None, "identity", *sorted(MAPS)])
+def test_compose_equals_applying_both_maps(outer: str, inner: str | None) -> None:
+    """One stored map over raw outputs serves what the site's map on top of the parent's would: exactly
+    for two logistic or two isotonic maps, within the documented tolerance for a mixed pair."""
+    site = MAPS[outer].model_copy(update={"fold": "local", "n_pos": 12, "n_neg": 80})
+    parent = None if inner is None else Calibration(method="identity") if inner == "identity" else MAPS[inner]
+    stored = compose(site, parent)
+    p = np.linspace(0.0, 1.0, 20_001)
+    expected = site.apply(p if parent is None else parent.apply(p))
+    mixed = (
+        parent is not None
+        and parent.method != "identity"
+        and (site.method == "isotonic") != (parent.method == "isotonic")
+    )
+    gap = np.abs(stored.apply(p) - expected).max()
+    assert gap <= (3 * COMPOSE_TOLERANCE if mixed else 1e-9)
+    assert (stored.fold, stored.n_pos, stored.n_neg) == ("local", 12, 80)
+    assert (np.diff(stored.apply(p)) >= 0).all()
+
+
+def test_compose_keeps_the_simplest_form() -> None:
+    """Temperature on temperature is a temperature; a logistic map on a logistic one is Platt."""
+    t = compose(MAPS["temperature"], Calibration(method="temperature", params={"temperature": 2.0}))
+    assert t.method == "temperature" and t.number("temperature") == pytest.approx(3.4)
+    assert compose(MAPS["platt"], MAPS["temperature"]).method == "platt"
+    constant = compose(MAPS["isotonic"], Calibration(method="platt", params={"a": 0.0, "b": 0.4}))
+    assert np.allclose(constant.apply([0.0, 0.5, 1.0]), MAPS["isotonic"].apply(sigmoid(0.4)))
+
+
+@pytest.mark.parametrize("name", sorted(MAPS))
+def test_preimage_gives_a_raw_value_the_map_sends_back(name: str) -> None:
+    """``apply(preimage(q)) == q`` across the map's range; a flat block gives its first raw value;
+    values beyond the range take the nearest end."""
+    calibration = MAPS[name]
+    served = calibration.apply(np.linspace(0.0, 1.0, 501))
+    np.testing.assert_allclose(calibration.apply(preimage(calibration, served)), served, atol=1e-9)
+    assert preimage(None, served) is not served and np.array_equal(preimage(None, served), served)
+    if name == "isotonic":
+        assert preimage(calibration, np.array([0.05, 0.2, 0.0, 1.0])).tolist() == [0.1, 0.3001, 0.1, 0.8]
 
 
 # -- the runtime and old manifests --------------------------------------------------------------
