@@ -504,7 +504,9 @@ def test_every_code_display_matches_the_code_table(m: Mappings) -> None:
 
 def test_code_tables_cite_their_source() -> None:
     """Every row of every code table says where its display comes from."""
-    for path in TABLES.glob("*.csv"):
+    tables = sorted(TABLES.glob("*.csv"))
+    assert "loinc.csv" in {path.name for path in tables}, TABLES
+    for path in tables:
         with path.open() as f:
             rows = list(csv.DictReader(f))
         assert rows, path
@@ -650,6 +652,7 @@ def test_derived_limb_leads_follow_einthoven_and_goldberger(m: Mappings) -> None
         "aVL": la - (ra + ll) / 2,
         "aVF": ll - (ra + la) / 2,
     }
+    assert set(m.ecg.derived_leads) == {"III", "aVR", "aVL", "aVF"}
     for target, weights in m.ecg.derived_leads.items():
         computed = sum(weight * leads[source] for source, weight in weights.items())
         np.testing.assert_allclose(computed, leads[target], atol=1e-12)

@@ -661,7 +661,9 @@ def test_omr_units_and_window(tmp_path: Path) -> None:
     meta = metadata_frame(mimic, tmp_path)
     assert meta.loc[40000001, "weight"] == pytest.approx(180 * 0.453592)
     assert meta.loc[40000001, "height"] == pytest.approx(70 * 2.54)
-    assert meta.loc[40000001, "bmi"] == pytest.approx((180 * 0.453592) / (70 * 2.54 / 100) ** 2)  # derived, as the service does
+    assert meta.loc[40000001, "bmi"] == pytest.approx(
+        (180 * 0.453592) / (70 * 2.54 / 100) ** 2
+    )  # derived, as the service does
     assert meta.loc[40000002, "bmi"] == 31.0
 
 

@@ -97,6 +97,7 @@ def test_seeded_patients_extract_through_every_carrier(
 ) -> None:
     """Each seeded carrier (teaching DICOM/MUSE XML, valueSampledData, DICOM, WFDB inline/Binary) yields model inputs."""
     race = mappings.feature("race")
+    assert len(subjects) == PATIENTS
     for index, subject in enumerate(subjects):
         inputs = _fetch(seeded.base_url, f"ecglab-{subject.subject_id}", mappings)
         carrier = carrier_for(index)

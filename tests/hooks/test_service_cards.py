@@ -419,6 +419,7 @@ def test_summaries_fit_140_characters_for_every_lab(when: str) -> None:
     """CDS Hooks: summary < 140 characters, for every lab of labs.yaml, every task and direction, with
     [DEMO], the day and "UTC" in the text; no name of labs.yaml needs shortening."""
     timeline = TIMELINES[when]
+    assert MAPPINGS.labs
     for lab in MAPPINGS.labs:
         for task in TASKS:
             for direction in ("high", "low"):

@@ -2,7 +2,8 @@
 
 Feedback is accepted only for cards the service issued to the caller, so :func:`send` first
 records the body's cards as issued by the order-select service to the test issuer
-(:func:`tests.security.test_security_feedback.issue_card`; the binding itself is pinned there).
+(:func:`tests.issued_cards.issue_card`; the binding itself is pinned in
+``security/test_security_feedback.py``).
 
 Every storage test runs twice: on the default SQLite file and on PostgreSQL (a throw-away
 embedded cluster from ``tests/pg.py``), the two backends ``ECGLAB_DATABASE_URL`` supports.
@@ -18,7 +19,7 @@ import pytest
 from sqlalchemy import func, select
 
 from cds_service.db import Feedback, IssuedCard
-from tests.security.test_security_feedback import issue_card
+from tests.issued_cards import issue_card
 from tests.service_fixtures import (
     EHR_ISS,
     ServiceEnv,

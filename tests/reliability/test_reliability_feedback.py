@@ -35,7 +35,7 @@ from cds_service.db import Feedback, IssuedCard, init_db, make_engine
 from cds_service.feedback import parse_feedback
 from tests.figures import record_figure
 from tests.onnx_fixtures import build_toy_model_dir
-from tests.reliability.test_reliability_load import ServeProcess
+from tests.serve_process import ServeProcess
 from tests.service_fixtures import FakeRuntime
 
 pytest_plugins = ["tests.pg"]

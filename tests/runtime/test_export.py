@@ -21,6 +21,11 @@ from model_training.checkpoint import load_checkpoint
 from model_training.model import FusionModel
 from tests.training_fixtures import TinyRun
 
+#: The runtime and ``ecglab score`` run on the CPU provider, so the parity asserted here does not
+#: depend on whether the machine has a GPU (the CUDA path is pinned in ``test_inference.py``).
+CPU = ["CPUExecutionProvider"]
+SCORE_ON_CPU = ("--providers", "CPUExecutionProvider")
+
 
 @pytest.fixture(scope="module")
 def evaluated_run(evaluated_tiny_run: TinyRun) -> tuple[Path, Path]:
@@ -87,7 +92,7 @@ def test_manifest_records_parity_on_random_and_real_inputs(exported: Path) -> No
 def test_runtime_scores_like_pytorch_window_average(exported: Path, evaluated_run: tuple[Path, Path]) -> None:
     """The service's runtime (ONNX, 4 windows averaged) equals PyTorch on the same records."""
     data, run = evaluated_run
-    runtime = ModelRuntime.load(exported)
+    runtime = ModelRuntime.load(exported, CPU)
     ckpt = load_checkpoint(run / "checkpoint_best.pt")
     model = FusionModel.from_args(ckpt["model_args"])
     model.load_state_dict(ckpt["model_state"])
@@ -119,7 +124,9 @@ def test_score_cli_writes_one_column_per_label(
     """``ecglab score`` on a DATASET writes one probability column per label, one row per record."""
     data, _ = evaluated_run
     out = tmp_path / "scores.parquet"
-    assert main(["score", "--model", str(exported), "--data", str(data), "--out", str(out)]) == 0
+    assert (
+        main(["score", "--model", str(exported), "--data", str(data), "--out", str(out), *SCORE_ON_CPU]) == 0
+    )
     scores = pd.read_parquet(out)
     labels = pd.read_parquet(data / "labels.parquet")
     assert list(scores.columns) == ["study_id", *[c for c in labels.columns if c != "study_id"]]
@@ -175,12 +182,14 @@ def test_runtime_and_score_report_calibrated_probabilities(
     the raw network output is kept as raw_probability."""
     data, run = evaluated_run
     out = tmp_path / "scores.parquet"
-    assert main(["score", "--model", str(exported), "--data", str(data), "--out", str(out)]) == 0
+    assert (
+        main(["score", "--model", str(exported), "--data", str(data), "--out", str(out), *SCORE_ON_CPU]) == 0
+    )
     scores = pd.read_parquet(out).set_index("study_id")
     evaluated = pd.read_parquet(run / "predictions_test.parquet").set_index("study_id")
     raw = pd.read_parquet(run / "predictions_test_raw.parquet").set_index("study_id")
     np.testing.assert_allclose(scores.loc[evaluated.index].to_numpy(), evaluated.to_numpy(), atol=1e-4)
-    runtime = ModelRuntime.load(exported)
+    runtime = ModelRuntime.load(exported, CPU)
     first = raw.iloc[0].to_numpy(dtype=np.float32)
     predictions = runtime.to_predictions(first)
     np.testing.assert_allclose([p.probability for p in predictions], evaluated.iloc[0].to_numpy(), atol=1e-6)

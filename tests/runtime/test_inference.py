@@ -40,6 +40,11 @@ def model_dir(tmp_path: Path) -> Path:
     return tmp_path / "model"
 
 
+def _load_cpu(model_dir: Path) -> ModelRuntime:
+    """The runtime on the CPU provider, so that what a test asserts does not depend on the machine's GPU."""
+    return ModelRuntime.load(model_dir, ["CPUExecutionProvider"])
+
+
 def _full_metadata() -> dict[str, float | None]:
     return {"sex": 0.0, "race": 1.0, "age": 71.0, "temperature": 99.1, "heart_rate": 102.0, "resp_rate": 22.0,
             "spo2": 93.0, "sbp": 101.0, "dbp": 60.0, "bmi": 31.0, "weight": 95.0, "height": 175.0}  # fmt: skip
@@ -119,16 +124,51 @@ def test_cuda_provider_kept_when_cuda_can_run(monkeypatch: pytest.MonkeyPatch) -
     assert choose_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def test_this_machine_without_gpu_runs_on_cpu(model_dir: Path) -> None:
-    """On a machine with no GPU, onnxruntime-gpu still loads and serves on the CPU provider."""
+def test_default_providers_fall_back_to_cpu_when_cuda_cannot_run(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the default list (CUDA, CPU) and no usable GPU, onnxruntime-gpu loads and serves on the CPU.
+
+    "No usable GPU" is simulated, so this is asserted on every machine, GPU or not.
+    """
+    monkeypatch.setattr(inference, "cuda_unavailable_reason", lambda: "no NVIDIA GPU device on this machine")
     runtime = ModelRuntime.load(model_dir)
-    if inference.cuda_unavailable_reason() is not None:
-        assert runtime.provider == "CPUExecutionProvider"
+    assert runtime.provider == "CPUExecutionProvider"
+    predictions = runtime.predict(
+        _Inputs(_Ecg(_ecg_100hz(np.random.default_rng(4)), 100.0, MODEL_LEADS), _full_metadata())
+    )
+    assert len(predictions) == len(LABELS)
+    assert all(0.0 <= p.probability <= 1.0 for p in predictions)
+
+
+def test_cpu_provider_requested_explicitly_is_used_on_any_machine(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ECGLAB_ONNX_PROVIDERS=CPUExecutionProvider`` (the Kubernetes base) runs on the CPU even where a GPU is.
+
+    A usable GPU is simulated, so this is asserted on every machine.
+    """
+    monkeypatch.setattr(inference, "cuda_unavailable_reason", lambda: None)
+    assert choose_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert _load_cpu(model_dir).provider == "CPUExecutionProvider"
+
+
+def test_cuda_provider_serves_like_the_cpu_when_a_gpu_can_run(model_dir: Path) -> None:
+    """On a machine whose GPU onnxruntime-gpu can use, the default list runs on CUDA and scores like the CPU."""
+    reason = inference.cuda_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the CUDA provider cannot run here: {reason}")
+    gpu = ModelRuntime.load(model_dir)
+    assert gpu.provider == "CUDAExecutionProvider"
+    inputs = _Inputs(_Ecg(_ecg_100hz(np.random.default_rng(5)), 100.0, MODEL_LEADS), _full_metadata())
+    on_gpu = [p.probability for p in gpu.predict(inputs)]
+    on_cpu = [p.probability for p in _load_cpu(model_dir).predict(inputs)]
+    np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-5)
 
 
 def test_windows_are_averaged_per_ecg(model_dir: Path) -> None:
     """Four non-overlapping 250-sample windows; sigmoid probabilities averaged (method §2.2)."""
-    runtime = ModelRuntime.load(model_dir)
+    runtime = _load_cpu(model_dir)
     rng = np.random.default_rng(0)
     ecg = _ecg_100hz(rng)
     meta = _full_metadata()
@@ -143,7 +183,7 @@ def test_windows_are_averaged_per_ecg(model_dir: Path) -> None:
 
 
 def test_leads_are_matched_by_name_not_position(model_dir: Path) -> None:
-    runtime = ModelRuntime.load(model_dir)
+    runtime = _load_cpu(model_dir)
     rng = np.random.default_rng(1)
     ecg = _ecg_100hz(rng)
     by_model = runtime.predict(_Inputs(_Ecg(ecg, 100.0, MODEL_LEADS), _full_metadata()))
@@ -156,7 +196,7 @@ def test_leads_are_matched_by_name_not_position(model_dir: Path) -> None:
 
 def test_500hz_input_is_resampled_like_100hz(model_dir: Path) -> None:
     """A slow signal sampled at 500 Hz scores like the same signal sampled at 100 Hz."""
-    runtime = ModelRuntime.load(model_dir)
+    runtime = _load_cpu(model_dir)
     t100 = np.arange(1000) / 100.0
     t500 = np.arange(5000) / 500.0
     offsets = np.linspace(-0.5, 0.5, 12)
@@ -168,7 +208,7 @@ def test_500hz_input_is_resampled_like_100hz(model_dir: Path) -> None:
 
 
 def test_missing_metadata_is_imputed_with_training_medians_and_flagged(model_dir: Path) -> None:
-    runtime = ModelRuntime.load(model_dir)
+    runtime = _load_cpu(model_dir)
     spec = runtime.manifest.metadata
     meta = _full_metadata() | {"race": None, "temperature": None, "age": None}
     cat, cont = encode_metadata({k: [v] for k, v in meta.items()}, spec)
@@ -182,7 +222,7 @@ def test_missing_metadata_is_imputed_with_training_medians_and_flagged(model_dir
 
 
 def test_encode_metadata_vectorised_equals_row_by_row(model_dir: Path) -> None:
-    runtime = ModelRuntime.load(model_dir)
+    runtime = _load_cpu(model_dir)
     spec = runtime.manifest.metadata
     rng = np.random.default_rng(3)
     rows = []
@@ -202,7 +242,7 @@ def test_encode_metadata_vectorised_equals_row_by_row(model_dir: Path) -> None:
 
 def test_decision_threshold_from_manifest_marks_positive(tmp_path: Path) -> None:
     build_toy_model_dir(tmp_path / "m", decision_threshold=0.0)
-    runtime = ModelRuntime.load(tmp_path / "m")
+    runtime = _load_cpu(tmp_path / "m")
     rng = np.random.default_rng(2)
     predictions = runtime.predict(_Inputs(_Ecg(_ecg_100hz(rng), 100.0, MODEL_LEADS), _full_metadata()))
     assert all(p.positive and p.decision_threshold == 0.0 for p in predictions)

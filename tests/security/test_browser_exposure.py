@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from cds_service.db import Feedback
 from cds_service.hook_request import SERVICES
 from fhir_mappings.errors import ConfigError
-from tests.security.test_security_feedback import issue_card
+from tests.issued_cards import issue_card
 from tests.service_fixtures import (
     EHR_FHIR,
     EHR_ISS,

@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 
 from cds_service.db import Feedback
 from tests.figures import record_figure
-from tests.security.test_security_feedback import issue_card
+from tests.issued_cards import issue_card
 from tests.service_fixtures import (
     EHR_FHIR,
     EHR_ISS,

@@ -10,21 +10,20 @@ Cards come from real hook calls where the binding is the point (a card issued th
 * a user comment, vendor extensions or accepted suggestions beyond their caps: 400 ``too-long``
   naming the field, nothing stored.
 
-:func:`issue_card` records a card directly, as the hook pipeline does, for tests (here and in the
-feedback suites) that need many cards or a card of a chosen issuer and service.
+Cards of a chosen issuer and service are recorded directly with :func:`tests.issued_cards.issue_card`,
+as the hook pipeline does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import create_engine, func, insert, select, text
+from sqlalchemy import create_engine, func, select, text
 
 from cds_service.db import Feedback, IssuedCard
 from cds_service.feedback import (
@@ -34,6 +33,7 @@ from cds_service.feedback import (
     MAX_SUGGESTION_ID_CHARS,
     parse_feedback,
 )
+from tests.issued_cards import issue_card
 from tests.service_fixtures import (
     EHR_ISS,
     JKU_ISS,
@@ -50,30 +50,6 @@ from tests.service_fixtures import (
 
 PATIENT_VIEW = "ecglab-patient-view"
 ORDER_SIGN = "ecglab-order-sign"
-
-
-def issue_card(app: Flask, *, service_id: str, issuer: str | None, card_uuid: str | None = None) -> str:
-    """Record an issued card in ``app``'s database as the hook pipeline does; returns its uuid."""
-    card = card_uuid or str(uuid.uuid4())
-    row = {
-        "card_uuid": card,
-        "suggestion_uuid": str(uuid.uuid4()),
-        "service_id": service_id,
-        "hook_instance": str(uuid.uuid4()),
-        "lab_key": "ntprobnp",
-        "topic_code": "ECGLABNTPROBNP",
-        "indicator": "warning",
-        "direction": "high",
-        "horizon_min": 0,
-        "probability": 0.9,
-        "decision_threshold": 0.5,
-        "model_version": "9.9.9-test",
-        "issued_at": datetime.now(UTC),
-        "issuer": issuer,
-    }
-    with app.extensions["ecglab"].engine.begin() as conn:
-        conn.execute(insert(IssuedCard).values(row))
-    return card
 
 
 def hook_path(service_id: str) -> str:

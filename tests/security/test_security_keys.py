@@ -38,7 +38,7 @@ from cds_service.issuers import (
     load_issuers,
 )
 from fhir_mappings.errors import ConfigError
-from tests.security.test_security_feedback import issue_card
+from tests.issued_cards import issue_card
 from tests.service_fixtures import (
     EHR_ISS,
     PUBLIC_URL,

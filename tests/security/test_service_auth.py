@@ -19,7 +19,7 @@ import pytest
 
 from cds_service.db import SeenToken, init_db, make_engine, purge_expired_tokens, remember_token
 from cds_service.url_rules import url_has_prefix
-from tests.security.test_security_feedback import issue_card
+from tests.issued_cards import issue_card
 from tests.service_fixtures import (
     EHR_ISS,
     JKU_ISS,
