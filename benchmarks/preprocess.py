@@ -1,7 +1,9 @@
-"""Label-step benchmark of ``ecglab preprocess``: labevents rows per second and peak memory.
+"""``ecglab preprocess`` benchmark: the label step (rows per second, peak memory) and the waveform step
+(ECGs per second per core, peak memory, extrapolated to all of MIMIC-IV-ECG).
 
-Run: ``.venv/bin/python benchmarks/preprocess.py [--rows 20000000] [--workdir DIR] [--threads 2]``.
-Prints one ``name: value`` line per figure:
+Run: ``.venv/bin/python benchmarks/preprocess.py [--rows 20000000] [--ecgs 512] [--workdir DIR]
+[--threads 2]``. ``--rows 0`` or ``--ecgs 0`` skips that step. Prints one ``name: value`` line per
+figure. The label step:
 
 * ``labevents_rows_per_s``: rows of ``labevents.csv.gz`` divided by the wall time of the label
   step, i.e. everything :mod:`model_training.labels` does: stream and filter ``labevents``, choose
@@ -21,6 +23,18 @@ work, and include the rows the filters drop (empty valuenum, zero reference rang
 a minority fluid, a dropped unit). Generating 20 M rows takes about two minutes (gzip is the
 bottleneck); ``--workdir`` keeps the files so a rerun skips that. The label step runs in a fresh
 child process so the generator's memory does not count.
+
+The waveform step (:func:`model_training.waveforms.convert`: WFDB record → leads by name → the
+service's preparation → one row of the (N, 1000, 12) float32 memmap), on ``--ecgs`` synthetic
+records written by the generator's own writer (MIMIC-IV-ECG layout: 500 Hz, 10 s, 12 leads, WFDB
+format 16, one record in ten with a NaN span to interpolate):
+
+* ``waveform_ecgs_per_s_per_core``: records converted per second of CPU time (user + system) of one
+  worker process; the step's workers are independent processes, so N cores convert N times that.
+* ``waveform_peak_rss_mb``: the peak resident memory of that worker.
+* ``waveform_800k_on_16_cores_h``: hours for all 800 000 MIMIC-IV-ECG records with 16 workers on
+  16 cores at that rate (CPU only: reading 800 000 × 120 kB from the disk is on top if it is slower).
+* ``waveform_ecgs``, ``waveform_step_s`` (wall), ``waveform_step_cpu_s``, ``waveform_failed``: context.
 """
 
 from __future__ import annotations
@@ -39,6 +53,8 @@ from typing import Any
 LAB_ITEMS = 150
 ROWS_PER_SUBJECT = 400
 ECGS_PER_SUBJECT = 5
+MIMIC_ECGS = 800_000  # records in MIMIC-IV-ECG 1.0
+FULL_SCALE_CORES = 16
 
 
 def _write_inputs(root: Path, rows: int, threads: int) -> dict[str, Path]:
@@ -181,6 +197,88 @@ def _label_step(paths: dict[str, Path], work: Path, threads: int, memory_limit: 
     )
 
 
+def _record_task(root: Path, index: int) -> Any:
+    """The generator's task for synthetic record ``index`` (varied rhythm and morphology, seeded)."""
+    import datetime as dt
+
+    import numpy as np
+
+    from model_training.synth_waveforms import EcgParams, RecordTask
+
+    rng = np.random.default_rng([7, index])
+    params = EcgParams(
+        rate_bpm=float(rng.uniform(45, 120)),
+        qrs_gain=float(rng.uniform(0.6, 1.6)),
+        t_gain=float(rng.uniform(0.5, 1.5)),
+        t_width_ms=float(rng.uniform(30, 60)),
+        qtc_ms=float(rng.uniform(380, 480)),
+        pr_ms=float(rng.uniform(120, 200)),
+        qrs_ms=float(rng.uniform(80, 120)),
+        p_gain=float(rng.uniform(0.5, 1.5)),
+        axis_deg=float(rng.uniform(-30, 90)),
+        noise_mv=float(rng.uniform(0.005, 0.03)),
+        wander_mv=float(rng.uniform(0.0, 0.1)),
+        hrv=float(rng.uniform(0.0, 0.05)),
+        nan_spans=(("limb", int(rng.integers(0, 4000)), 200),) if index % 10 == 0 else (),
+    )
+    return RecordTask(
+        directory=str(root / f"p{index // 1000:04d}"),
+        record_name=f"s{index:08d}",
+        params=params,
+        seed=(7, index),
+        base_datetime=dt.datetime(2150, 1, 1, 8, 0) + dt.timedelta(hours=index),
+    )
+
+
+def _write_records(root: Path, n: int, threads: int) -> list[str]:
+    """Write ``n`` synthetic WFDB records under ``root`` (reused when already there); their paths."""
+    from model_training.synth_waveforms import write_record
+
+    rel_paths = [f"p{i // 1000:04d}/s{i:08d}" for i in range(n)]
+    marker = root / "records.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("ecgs") == n:
+        return rel_paths
+    started = time.perf_counter()
+    tasks = [_record_task(root, i) for i in range(n)]
+    with multiprocessing.get_context("spawn").Pool(max(1, threads)) as pool:
+        pool.map(write_record, tasks, chunksize=16)
+    print(f"# wrote {n} WFDB records in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    marker.write_text(json.dumps({"ecgs": n}))
+    return rel_paths
+
+
+def _generate_records(root: Path, n: int, threads: int, queue: Any) -> None:
+    """Child process: write the WFDB records and send back their paths."""
+    queue.put(_write_records(root, n, threads))
+
+
+def _waveform_step(root: Path, rel_paths: list[str], work: Path, queue: Any) -> None:
+    """Child process: convert every record with one worker (this process); report time, CPU and RSS."""
+    import wfdb  # noqa: F401  (imported once per worker process, not per record: not timed)
+
+    from model_training import waveforms
+
+    work.mkdir(parents=True, exist_ok=True)
+    npy, status = work / "ecg.npy", work / "ecg_status.npy"
+    npy.unlink(missing_ok=True)
+    status.unlink(missing_ok=True)
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    counts = waveforms.convert(root, rel_paths, npy, status, workers=1, progress=False)
+    seconds = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    npy.unlink()
+    status.unlink()
+    queue.put(
+        {
+            "seconds": seconds,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime,
+            "peak_rss_mb": usage.ru_maxrss / 1024.0,
+            "done": counts["done"],
+        }
+    )
+
+
 def _in_child(target: Any, *args: Any) -> Any:
     """Run ``target(*args, queue)`` in a fresh (spawned) process and return what it puts on the queue.
 
@@ -213,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     """Generate the input (or reuse ``--workdir``), run the label step in a child, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--rows", type=int, default=20_000_000, help="labevents rows to generate (default 20 M)"
+        "--rows", type=int, default=20_000_000, help="labevents rows to generate (default 20 M; 0 skips)"
+    )
+    parser.add_argument(
+        "--ecgs", type=int, default=512, help="WFDB records for the waveform step (default 512; 0 skips)"
     )
     parser.add_argument(
         "--workdir", type=Path, default=None, help="keep the generated input here (reused on rerun)"
@@ -224,20 +325,42 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ecglab-bench-") as scratch:
         root = args.workdir or Path(scratch)
         try:
-            paths = _in_child(_generate, root / "input", args.rows, args.threads)
-            result = _in_child(_label_step, paths, root / "work", args.threads, args.memory_limit)
+            if args.rows > 0:
+                paths = _in_child(_generate, root / "input", args.rows, args.threads)
+                result = _in_child(_label_step, paths, root / "work", args.threads, args.memory_limit)
+                _print_label_figures(args.rows, result)
+            if args.ecgs > 0:
+                rel_paths = _in_child(_generate_records, root / "ecg-input", args.ecgs, args.threads)
+                wave = _in_child(_waveform_step, root / "ecg-input", rel_paths, root / "ecg-work")
+                _print_waveform_figures(args.ecgs, wave)
         except RuntimeError as exc:
             print(exc, file=sys.stderr)
             return 1
-    print(f"labevents_rows: {args.rows}")
+    return 0
+
+
+def _print_label_figures(rows: int, result: dict[str, Any]) -> None:
+    """The label step's lines."""
+    print(f"labevents_rows: {rows}")
     print(f"ecg_records: {result['ecg_records']}")
     print(f"label_step_s: {result['seconds']:.1f}")
     print(f"targets_kept: {result['targets_kept']}")
     print(f"cohort: {result['cohort']}")
     print(f"label_step_cpu_s: {result['cpu_seconds']:.1f}")
-    print(f"labevents_rows_per_s: {args.rows / result['seconds']:.0f}")
+    print(f"labevents_rows_per_s: {rows / result['seconds']:.0f}")
     print(f"peak_rss_mb: {result['peak_rss_mb']:.0f}")
-    return 0
+
+
+def _print_waveform_figures(ecgs: int, result: dict[str, Any]) -> None:
+    """The waveform step's lines; the per-core rate is records per CPU second of the one worker."""
+    per_core = ecgs / max(result["cpu_seconds"], 1e-9)
+    print(f"waveform_ecgs: {ecgs}")
+    print(f"waveform_failed: {ecgs - result['done']}")
+    print(f"waveform_step_s: {result['seconds']:.2f}")
+    print(f"waveform_step_cpu_s: {result['cpu_seconds']:.2f}")
+    print(f"waveform_ecgs_per_s_per_core: {per_core:.1f}")
+    print(f"waveform_peak_rss_mb: {result['peak_rss_mb']:.0f}")
+    print(f"waveform_800k_on_16_cores_h: {MIMIC_ECGS / (per_core * FULL_SCALE_CORES) / 3600:.3f}")
 
 
 if __name__ == "__main__":

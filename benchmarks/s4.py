@@ -1,7 +1,7 @@
 """S4 benchmark: our S4 block and model against a re-implementation of the reference's kernel path.
 
-Run: ``.venv/bin/python benchmarks/s4.py [--onnx] [--threads 2]``. Prints one ``name: value`` line
-per figure:
+Run: ``.venv/bin/python benchmarks/s4.py [--onnx] [--threads 2] [--quick]``. Prints one
+``name: value`` line per figure:
 
 * ``s4_block_fwd_bwd_samples_per_s``: one S4 block (d_model 512, d_state 8, bidirectional, L 250,
   batch 32), forward + backward, training mode, as ``model_training.model.S4Block`` computes it.
@@ -12,6 +12,9 @@ per figure:
 * ``s4_block_flop_floor_ratio``: block time / (its matmul FLOPs ÷ the float32 matmul rate numpy
   reaches in this run on the same shapes). The matmul FLOPs of a block are the 512→1024 projection:
   forward, input gradient and weight gradient, 3 × 2·B·L·H·2H.
+* ``s4_block_cpu_flop_floor_ratio``, ``s4_block_fwd_bwd_cpu_ms``: the same ratio and the block's
+  time in process CPU time (user + system, all threads) instead of wall time: on a machine shared
+  with other work, wall time counts the waits for a core, CPU time does not.
 * ``model_fwd_bwd_samples_per_s``: the whole ``FusionModel`` at the paper's sizes.
 * with ``--onnx``: ``onnx_ecg_latency_ms_p50`` (ONNX Runtime CPU, one ECG = 4 windows of 250
   samples, the exported model) and ``onnx_flop_floor_ratio`` (vs its dense matmul FLOPs, ≈4.2 GFLOP,
@@ -21,7 +24,8 @@ per figure:
 
 Training timings are the best of ``--repeats`` rounds, ONNX latencies the median; in each round the
 compared functions (ours, the reference, the numpy floor GEMMs) run one after the other, so load
-from other processes affects them alike and the ratios compare like with like.
+from other processes affects them alike and the ratios compare like with like. ``--quick`` (the
+smoke test) runs one round of each figure on a block of width 64 and batch 4.
 """
 
 from __future__ import annotations
@@ -146,6 +150,7 @@ def interleaved_times(
     warmup: int = 2,
     sync: Callable[[], None] | None = None,
     pause: float = 0.1,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Wall times in seconds of each of ``fns`` over ``repeats`` rounds, after ``warmup`` rounds.
 
@@ -153,6 +158,8 @@ def interleaved_times(
     hits all of them alike and the ratios between them stay fair. ``pause`` seconds of sleep before
     each call let the previous engine's worker threads (OpenBLAS, OpenMP and ONNX Runtime spin-wait
     after their work) go idle, so that one engine's spinning does not slow the next one down.
+    With ``cpu``, each call's process CPU time (user + system of all threads) is appended to
+    ``cpu[name]`` as well.
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -163,11 +170,13 @@ def interleaved_times(
             time.sleep(pause)
             if sync:
                 sync()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             if sync:
                 sync()
             times[name].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - c0)
     return times
 
 
@@ -237,14 +246,18 @@ def bench_block(cfg: ModelConfig, batch: int, repeats: int, device: torch.device
     }
     if device.type == "cpu":
         fns["floor"] = numpy_linear_gemms(batch * length, h, 2 * h, backward=True)
-    t = {name: min(v) for name, v in interleaved_times(fns, repeats, sync=sync).items()}
+    cpu_times: dict[str, list[float]] = {}
+    t = {name: min(v) for name, v in interleaved_times(fns, repeats, sync=sync, cpu=cpu_times).items()}
     report(f"{prefix}s4_block_fwd_bwd_samples_per_s", batch / t["ours"])
     report(f"{prefix}reference_s4_block_fwd_bwd_samples_per_s", batch / t["reference"])
     report(f"{prefix}speedup_vs_reference", t["reference"] / t["ours"])
     report(f"{prefix}reference_parity_max_abs_diff", diff)
     if device.type == "cpu":
+        c = {name: min(v) for name, v in cpu_times.items()}
         report("numpy_matmul_gflop_per_s", 3 * 2 * batch * length * h * 2 * h / t["floor"] / 1e9)
         report("s4_block_flop_floor_ratio", t["ours"] / t["floor"])
+        report("s4_block_fwd_bwd_cpu_ms", 1e3 * c["ours"])
+        report("s4_block_cpu_flop_floor_ratio", c["ours"] / c["floor"])
 
 
 def bench_model(cfg: ModelConfig, batch: int, repeats: int, device: torch.device, prefix: str) -> None:
@@ -371,7 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--onnx", action="store_true", help="also time the ONNX export in ONNX Runtime")
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model figure")
+    parser.add_argument(
+        "--quick", action="store_true", help="one round of each figure on a small block (smoke test)"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.repeats = 4, 1
     torch.set_num_threads(args.threads)
     with threadpool_limits(limits=args.threads):  # numpy's BLAS gets the same number of threads
         run(args)
@@ -380,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> None:
     """All figures for the parsed options."""
-    cfg = ModelConfig(chunk=args.chunk)
+    cfg = ModelConfig(chunk=args.chunk, d_model=64 if args.quick else ModelConfig.d_model)
     cpu = torch.device("cpu")
     bench_block(cfg, args.batch, args.repeats, cpu, "")
     if not args.no_model:

@@ -21,10 +21,11 @@ Two exact ways to apply the same kernel (``ModelConfig.conv``):
 * ``"fft"``: the reference formulation, ``rfft(k, n=2L) · rfft(u, n=2L) → irfft``.
 * ``"chunked"`` (default): the kernel of each direction is that of an 8-state linear system, so the
   long convolution is split into chunks of ``ModelConfig.chunk`` samples: a small Toeplitz matmul
-  inside each chunk (its taps are the first taps of the Cauchy kernel above) and the state carried
-  between chunks. Same function of the same parameters (tests check values and gradients against
-  the FFT path and the plain recurrence); on this project's 2-core CPU its forward + backward costs
-  about 2.4× less than the FFT path's (L = 250, batch 32), and it is what the ONNX export runs.
+  inside each chunk (its taps: the first taps of that kernel, from the state space) and the state
+  carried between chunks. Same function of the same parameters (tests check values and gradients
+  against the FFT path and the plain recurrence); it is what the ONNX export runs, and in training
+  the whole block then runs as one autograd Function with a hand-written backward
+  (``model_training.s4_fused``), about 1.4× its dense-FLOP floor on this project's 2-core CPU.
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model_training.s4_conv import ChunkMaps, chunk_maps, chunked_kernel_conv, fft_conv
+from model_training.s4_conv import (
+    ChunkMaps,
+    chunk_maps,
+    chunk_operands,
+    chunked_kernel_conv,
+    fft_conv,
+)
+from model_training.s4_fused import BlockWeights, fused_s4_block
 
 __all__ = [
     "EcgEncoder",
@@ -330,12 +338,17 @@ class TiedDropout(nn.Module):
         super().__init__()
         self.p = p
 
+    def mask(self, x: Tensor) -> Tensor | None:
+        """The scaled mask ``(H, B, 1)`` (kept entries are ``1 / (1 - p)``) for ``x``; None when identity."""
+        if not self.training or self.p == 0.0:
+            return None
+        keep = torch.empty(x.shape[0], x.shape[1], 1, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        return keep.div_(1 - self.p)
+
     def forward(self, x: Tensor) -> Tensor:
         """Identity in eval mode or with p = 0."""
-        if not self.training or self.p == 0.0:
-            return x
-        keep = torch.empty(x.shape[0], x.shape[1], 1, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
-        return x * keep.div_(1 - self.p)  # (H, B, L)
+        keep = self.mask(x)
+        return x if keep is None else x * keep  # (H, B, L)
 
 
 class ChannelLayerNorm(nn.Module):
@@ -389,22 +402,51 @@ class S4Block(nn.Module):
         ``y[t] = Σ_{s≤t} k0[t-s] u[s] + Σ_{s>t} k1[s-t-1] u[s] + D u[t]``.
         ``impl`` overrides ``cfg.conv`` ("fft" or "chunked"); both compute the same thing.
         """
+        self._check_length(u)
+        if (impl or self.cfg.conv) == "fft":
+            return fft_conv(u, self.kernel(), self.D)  # (H, B, L)
+        t = self.cfg.chunk
+        maps = self.kernel.chunk_maps(t, u.dtype, u.device)
+        return chunked_kernel_conv(u, self.D, maps, self.kernel.real_c(), t)  # (H, B, L)
+
+    def _check_length(self, u: Tensor) -> None:
+        """Inputs may be shorter than the kernel, never longer."""
         length = u.shape[-1]
         if length > self.cfg.window:
             raise ValueError(
                 f"ECG window has {length} samples; the S4 kernel was built for {self.cfg.window}"
             )
-        k = self.kernel()  # (D, H, l_max)
-        if (impl or self.cfg.conv) == "fft":
-            return fft_conv(u, k, self.D)  # (H, B, L)
-        t = self.cfg.chunk
-        maps = self.kernel.chunk_maps(t, u.dtype, u.device)
-        return chunked_kernel_conv(u, k, self.D, maps, self.kernel.real_c(), t)  # (H, B, L)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(H, B, L)`` → ``(H, B, L)``."""
+        """``(H, B, L)`` → ``(H, B, L)``.
+
+        With the chunked convolution the whole block runs as one autograd Function with a
+        hand-written backward (:mod:`model_training.s4_fused`: the same maths with fewer passes over
+        memory); :meth:`forward_composed` is the same block in plain autograd operations.
+        """
+        if self.cfg.conv != "chunked" or torch.jit.is_tracing():
+            return self.forward_composed(x)
+        self._check_length(x)
+        t = self.cfg.chunk
+        maps = self.kernel.chunk_maps(t, x.dtype, x.device)
+        intra, out_map = chunk_operands(self.kernel.real_c(), self.D, maps, t)  # (H, T, T), (H, D·N, T)
+        weights = BlockWeights(
+            intra=intra,
+            in_map=maps.in_map,
+            transfer=maps.transfer,
+            out_map=out_map,
+            weight=self.output_linear.weight,
+            bias=self.output_linear.bias,
+            norm_weight=self.norm.weight,
+            norm_bias=self.norm.bias,
+        )
+        mask_in, mask_out = self.dropout_inner.mask(x), self.dropout_outer.mask(x)  # reference order
+        return fused_s4_block(x, weights, mask_in, mask_out, t, self.norm.eps)  # (H, B, L)
+
+    def forward_composed(self, x: Tensor, impl: str | None = None) -> Tensor:
+        """The block as a composition of autograd operations (``impl`` as in :meth:`conv`)."""
         h, n_batch, length = x.shape
-        z = self.dropout_inner(F.gelu(self.conv(x)))  # (H, B, L)
+        z = self.dropout_inner(F.gelu(self.conv(x, impl)))  # (H, B, L)
         z = torch.addmm(
             self.output_linear.bias[:, None], self.output_linear.weight, z.reshape(h, -1)
         )  # (2H, B·L)

@@ -1,9 +1,9 @@
 """The S4 convolution maths: a kernel applied to a sequence, by FFT or as a chunked state-space scan.
 
 Both the training model (:mod:`model_training.model`) and its ONNX export
-(:mod:`model_training.s4_export`) apply an S4 kernel through these functions, so the two compute
-the same thing by construction. Layout: channel-first ``(H, B, L)``; H is the batch dimension of
-every matmul.
+(:mod:`model_training.s4_export`) apply an S4 kernel through these functions, built from the same
+chunk matrices (:func:`chunk_maps`, :func:`output_map`, :func:`intra_chunk_matrix`). Layout:
+channel-first ``(H, B, L)``; H is the batch dimension of every matmul.
 
 ``y[t] = Σ_{s≤t} k0[t-s] u[s] + Σ_{s>t} k1[s-t-1] u[s] + D u[t]`` (kernel 0 causal, kernel 1
 anticausal; a causal layer has kernel 0 only). Two exact ways to compute it:
@@ -22,6 +22,13 @@ anticausal; a causal layer has kernel 0 only). Two exact ways to compute it:
   Everything is a batched MatMul / Add / Slice / Concat on static-shape real tensors, so
   ``torch.onnx.export`` writes standard operators only (no complex numbers, no DFT, no custom ops).
 
+Training runs the same chunked scan in the form that is fastest under autograd on a CPU:
+:func:`chunked_conv_states` advances both directions in one recursion (:func:`scan_states`), and
+:func:`chunked_conv_backward` is its hand-written adjoint (used by :class:`ChunkedConv` and by the
+fused block of :mod:`model_training.s4_fused`). The trained taps come from the state space
+(:func:`chunk_operands`), not from an FFT of the Cauchy kernel: the same numbers, far cheaper per
+step. Tests pin the FFT path, the training scan and the exported scan to each other.
+
 Why a dense real 8×8 state and not N/2 = 4 diagonal complex modes: the state matrix of HiPPO-LegS
 has the real eigenvalues -1, …, -N, and its eigenvector matrix has condition number ≈ 8e4 at N = 8;
 diagonalising it puts per-mode coefficients of ~1e3 on a kernel of ~1e-2, which float32 cannot
@@ -32,7 +39,7 @@ All constant matrices are computed in float64 and rounded once.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +47,17 @@ from torch import Tensor
 
 __all__ = [
     "ChunkMaps",
+    "ChunkedConv",
     "chunk_maps",
+    "chunk_operands",
     "chunked_conv",
+    "chunked_conv_backward",
+    "chunked_conv_states",
     "chunked_kernel_conv",
     "fft_conv",
     "intra_chunk_matrix",
     "output_map",
+    "scan_states",
 ]
 
 
@@ -73,11 +85,14 @@ class ChunkMaps(NamedTuple):
     transfer: ``(H, N, N)`` row-vector state update over one chunk (``(Ā^T)ᵀ``).
     out_basis: ``(H, N, T+1, N)`` ``E Ā^k`` for k = 0…T with ``E = (I - Ā^L)⁻¹``; contracting it with
     the trained ``c̃`` gives ``c_eff Ā^k`` (``output_map``).
+    tap_basis: ``(H, N, T)`` ``E Ā^j B̄`` for j < T; contracting it with ``c̃`` gives the first T
+    taps of each direction's kernel, ``c_eff Ā^j B̄`` (``chunk_operands``).
     """
 
     in_map: Tensor
     transfer: Tensor
     out_basis: Tensor
+    tap_basis: Tensor
 
 
 def chunk_maps(a_bar: Tensor, b_bar: Tensor, l_max: int, chunk: int, n_dir: int) -> ChunkMaps:
@@ -97,7 +112,9 @@ def chunk_maps(a_bar: Tensor, b_bar: Tensor, l_max: int, chunk: int, n_dir: int)
     in_map = torch.cat([in_fwd, in_bwd][:n_dir], -1)  # (H, T, D·N)
     correction = torch.linalg.inv(eye - torch.linalg.matrix_power(a_bar, l_max))  # (H, N, N)
     out_basis = (correction[:, None] @ pw).permute(0, 2, 1, 3)  # (H, N, T+1, N)
-    return ChunkMaps(in_map, pw[:, chunk].transpose(-1, -2).contiguous(), out_basis.contiguous())
+    tap_basis = (correction[:, None] @ pb[:, :chunk, :, None]).squeeze(-1).transpose(1, 2)  # (H, N, T)
+    transfer = pw[:, chunk].transpose(-1, -2).contiguous()
+    return ChunkMaps(in_map, transfer, out_basis.contiguous(), tap_basis.contiguous())
 
 
 def output_map(c_r: Tensor, out_basis: Tensor, chunk: int) -> Tensor:
@@ -129,12 +146,78 @@ def intra_chunk_matrix(taps: Tensor, d: Tensor, chunk: int) -> Tensor:
     return torch.cat([k0, k1], -1)[:, index]  # (H, T, T)
 
 
+def chunk_operands(c_r: Tensor, d: Tensor, maps: ChunkMaps, chunk: int) -> tuple[Tensor, Tensor]:
+    """The trained chunk matrices ``intra (H, T, T)`` and ``out_map (H, D·N, T)``, differentiable in
+    ``c_r (D, H, N)`` (the stored ``c̃`` in real form) and ``d (H,)``.
+
+    The first T taps of each direction come from ``maps.tap_basis``: the same numbers as the first
+    taps of the Cauchy kernel (``model.S4Kernel.forward``), since the kernel is the impulse response
+    of the system, but without evaluating the generating function at all ``l_max`` FFT nodes and an
+    inverse FFT on every training step for the T taps the scan uses.
+    """
+    taps = torch.einsum("dhn,hnt->dht", c_r, maps.tap_basis)  # (D, H, T)
+    return intra_chunk_matrix(taps, d, chunk), output_map(c_r, maps.out_basis, chunk)
+
+
 def _add_bmm(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``c + a @ b`` (batched): fused ``baddbmm`` when running, ``MatMul`` + ``Add`` when traced for
     export (the TorchScript exporter writes ``baddbmm`` with two extra multiplications by 1)."""
     if torch.jit.is_tracing():
         return c + torch.bmm(a, b)
     return torch.baddbmm(c, a, b)
+
+
+def scan_states(z: Tensor, transfer: Tensor, n_chunks: int, reverse: tuple[bool, ...]) -> Tensor:
+    """States entering each chunk from the chunk summaries: ``z (H, B, C, D, N)`` → ``(H, B·C, D·N)``.
+
+    Direction d runs from the first chunk forwards (``reverse[d]`` False: the state entering chunk c
+    sums the chunks before it, ``s[c] = z[c-1] + s[c-1] @ transfer``) or from the last chunk
+    backwards (True: it sums the chunks after it). The convolution's causal direction is forward and
+    its anticausal one backward; the adjoint (:func:`chunked_conv_backward`) runs the same recursion
+    with the directions swapped and ``transferᵀ``. ``n_chunks ≥ 2``.
+
+    Both directions advance together: step k carries direction d's state for its k-th chunk in
+    processing order, with the block-diagonal ``diag(transfer, …)``, so the recursion is ``C - 2``
+    small matmuls in all. One ``stack`` gathers the inputs in that order and one writes the states
+    back in chunk order.
+    """
+    h, n_batch, _, n_dir, n = z.shape
+
+    def order(d: int, k: int) -> int:  # the chunk that direction d handles at step k
+        return n_chunks - 1 - k if reverse[d] else k
+
+    z_steps = torch.stack([z[:, :, order(d, k), d] for k in range(n_chunks) for d in range(n_dir)], 2).view(
+        h, n_batch, n_chunks, n_dir * n
+    )  # (H, B, C, D·N): step k's summaries
+    step = transfer
+    if n_dir > 1:
+        step = transfer.new_zeros(h, n_dir * n, n_dir * n)  # (H, D·N, D·N) = diag(transfer, …)
+        for d in range(n_dir):
+            step[:, d * n : (d + 1) * n, d * n : (d + 1) * n] = transfer
+    states = [z_steps.new_zeros(h, n_batch, n_dir * n), z_steps[:, :, 0]]  # (H, B, D·N) at steps 0, 1
+    for k in range(2, n_chunks):
+        states.append(_add_bmm(z_steps[:, :, k - 1], states[-1], step))
+    items = [states[order(d, c)][..., d * n : (d + 1) * n] for c in range(n_chunks) for d in range(n_dir)]
+    return torch.stack(items, 2).view(h, -1, n_dir * n)  # (H, B·C, D·N) in chunk order
+
+
+def chunked_conv_states(
+    u: Tensor, intra: Tensor, in_map: Tensor, transfer: Tensor, out_map: Tensor, n_chunks: int
+) -> tuple[Tensor, Tensor | None]:
+    """The training form of :func:`chunked_conv`: the same function, with both directions in one
+    scan (:func:`scan_states`); it also returns the chunk states ``(H, B·C, D·N)`` (None for one
+    chunk), which the backward pass (:func:`chunked_conv_backward`) needs for the gradient of
+    ``out_map``. Not traceable for export (in-place ops); :func:`chunked_conv` is the exported form."""
+    h, t, _ = intra.shape
+    n = transfer.shape[-1]
+    n_dir = in_map.shape[-1] // n
+    uc = u.reshape(h, -1, t)  # (H, B·C, T) with C = L/T chunks
+    y = torch.bmm(uc, intra)  # (H, B·C, T) within-chunk part
+    if n_chunks == 1:
+        return y.view(h, -1, t), None
+    z = torch.bmm(uc, in_map).view(h, -1, n_chunks, n_dir, n)  # (H, B, C, D, N) chunk summaries
+    s = scan_states(z, transfer, n_chunks, (False, True)[:n_dir])  # (H, B·C, D·N)
+    return y.baddbmm_(s, out_map).view(h, -1, n_chunks * t), s  # (H, B, L)
 
 
 def chunked_conv(
@@ -168,17 +251,106 @@ def chunked_conv(
     return _add_bmm(y, s, out_map).view(h, -1, n_chunks * t)  # (H, B, L)
 
 
-def chunked_kernel_conv(u: Tensor, k: Tensor, d: Tensor, maps: ChunkMaps, c_r: Tensor, chunk: int) -> Tensor:
-    """``y = k * u + D·u`` as a chunked scan: ``u (H, B, L)``, taps ``k (D, H, ≥T)``, ``d (H,)``.
+def chunked_conv_backward(
+    grad: Tensor,
+    u: Tensor,
+    states: Tensor | None,
+    intra: Tensor,
+    in_map: Tensor,
+    transfer: Tensor,
+    out_map: Tensor,
+    n_chunks: int,
+    accumulate: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients of :func:`chunked_conv` for the output gradient ``grad (H, B, L)``: ``(u, intra, out_map)``.
+
+    The convolution is linear in ``u``, so its adjoint is the same chunked scan run with every map
+    transposed: ``gradᵀ`` enters through ``out_mapᵀ``, the states travel the other way with
+    ``transferᵀ`` and leave through ``in_mapᵀ``; the within-chunk part is ``grad @ intraᵀ``. The
+    matrix gradients are ``u_chunkᵀ @ grad`` and ``statesᵀ @ grad``. ``in_map`` and ``transfer``
+    are frozen (no gradient). Written out because autograd's version of the unrolled recursion costs
+    more than the matmuls themselves (one gather, copy and accumulation per chunk and direction).
+    ``states`` are the ones :func:`chunked_conv_states` returned (None for one chunk). With
+    ``accumulate (H, B, L)`` the input gradient is added to it in place and it is returned.
+    """
+    h, t, _ = intra.shape
+    n = transfer.shape[-1]
+    n_dir = in_map.shape[-1] // n
+    gc = grad.reshape(h, -1, t)  # (H, B·C, T)
+    g_intra = torch.bmm(u.reshape(h, -1, t).transpose(1, 2), gc)  # (H, T, T)
+    if accumulate is None:
+        g_u = torch.bmm(gc, intra.transpose(1, 2))  # (H, B·C, T)
+    else:
+        g_u = accumulate.view(h, -1, t).baddbmm_(gc, intra.transpose(1, 2))
+    if states is None:
+        return g_u.view(h, -1, n_chunks * t), g_intra, None
+    g_out = torch.bmm(states.transpose(1, 2), gc)  # (H, D·N, T)
+    g_states = torch.bmm(gc, out_map.transpose(1, 2)).view(h, -1, n_chunks, n_dir, n)  # (H, B, C, D, N)
+    g_z = scan_states(g_states, transfer.transpose(1, 2), n_chunks, (True, False)[:n_dir])  # (H, B·C, D·N)
+    return g_u.baddbmm_(g_z, in_map.transpose(1, 2)).view(h, -1, n_chunks * t), g_intra, g_out
+
+
+def _saveable(*tensors: Tensor | None) -> tuple[Tensor, ...]:
+    """``tensors`` for ``ctx.save_for_backward``, which takes None entries too (typed as Tensor)."""
+    return cast(tuple[Tensor, ...], tensors)
+
+
+class ChunkedConv(torch.autograd.Function):
+    """:func:`chunked_conv` with the hand-written backward of :func:`chunked_conv_backward`.
+
+    ``apply(u, intra, in_map, transfer, out_map, n_chunks)``; gradients flow to ``u``, ``intra`` and
+    ``out_map`` (``in_map`` and ``transfer`` are frozen).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        u: Tensor,
+        intra: Tensor,
+        in_map: Tensor,
+        transfer: Tensor,
+        out_map: Tensor,
+        n_chunks: int,
+    ) -> Tensor:
+        """``(H, B, L)`` → ``(H, B, L)``; saves the input and the chunk states."""
+        y, states = chunked_conv_states(u, intra, in_map, transfer, out_map, n_chunks)
+        ctx.save_for_backward(u, *_saveable(states), intra, in_map, transfer, out_map)
+        ctx.n_chunks = n_chunks  # type: ignore[attr-defined]
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        """Gradients for ``u``, ``intra`` and ``out_map``."""
+        u, states, intra, in_map, transfer, out_map = ctx.saved_tensors  # type: ignore[attr-defined]
+        g_u, g_intra, g_out = chunked_conv_backward(
+            grad.contiguous(),
+            u,
+            states,
+            intra,
+            in_map,
+            transfer,
+            out_map,
+            ctx.n_chunks,  # type: ignore[attr-defined]
+        )
+        return g_u, g_intra, None, None, g_out, None
+
+
+def chunked_kernel_conv(u: Tensor, d: Tensor, maps: ChunkMaps, c_r: Tensor, chunk: int) -> Tensor:
+    """``y = k * u + D·u`` as a chunked scan: ``u (H, B, L)``, ``d (H,)``.
 
     ``maps`` are the layer's :func:`chunk_maps` and ``c_r (D, H, N)`` its trained output vectors in
-    real form (gradients flow through ``k``, ``d`` and ``c_r``). A length that is not a multiple of
-    ``chunk`` is padded with zeros, which changes neither direction's output on ``[0, L)``.
+    real form, which define the kernel k (gradients flow through ``d`` and ``c_r``). A length that
+    is not a multiple of ``chunk`` is padded with zeros, which changes neither direction's output
+    on ``[0, L)``.
     """
     length = u.shape[-1]
-    intra = intra_chunk_matrix(k[:, :, :chunk], d, chunk)  # (H, T, T)
-    out = output_map(c_r, maps.out_basis, chunk)  # (H, D·N, T)
+    intra, out = chunk_operands(c_r, d, maps, chunk)  # (H, T, T), (H, D·N, T)
     pad = -length % chunk
     u = F.pad(u, (0, pad)) if pad else u  # (H, B, L + pad)
-    y = chunked_conv(u, intra, maps.in_map, maps.transfer, out, (length + pad) // chunk)
+    n_chunks = (length + pad) // chunk
+    if torch.jit.is_tracing():  # export: plain operators, no autograd.Function
+        y = chunked_conv(u, intra, maps.in_map, maps.transfer, out, n_chunks)
+    else:
+        y = ChunkedConv.apply(u, intra, maps.in_map, maps.transfer, out, n_chunks)
     return y[..., :length] if pad else y  # (H, B, L)

@@ -28,6 +28,7 @@ from model_training.model import (
     nplr_legs,
     real_state_space,
 )
+from model_training.s4_conv import chunk_operands
 from model_training.s4_export import (
     ExportableFusionModel,
     OnnxExportError,
@@ -35,6 +36,7 @@ from model_training.s4_export import (
     export_onnx,
     random_inputs,
 )
+from model_training.s4_fused import BlockWeights, fused_s4_block, matmul
 
 CONT_10 = list(CONTINUOUS)
 CONT_20 = CONT_10 + [f"{k}_missing" for k in MISSING_INDICATORS]
@@ -179,16 +181,19 @@ def test_causal_config_has_no_anticausal_taps() -> None:
 
 
 def test_chunked_and_fft_paths_have_equal_gradients() -> None:
-    """The chunked convolution is the same function of the trained C and D as the FFT path."""
+    """The chunked convolution is the same function of the input and of the trained C and D as the
+    FFT path (plain autograd): the hand-written adjoint scan gives the same gradients."""
     torch.manual_seed(5)
     block = S4Block(SMALL).double()
-    u = torch.randn(16, 2, 60, dtype=torch.float64)
-    grads = {}
+    u = torch.randn(16, 2, 60, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(16, 2, 60, dtype=torch.float64)  # a generic output gradient
+    grads: dict[str, tuple[torch.Tensor, ...]] = {}
     for impl in ("fft", "chunked"):
         block.zero_grad()
-        (block.conv(u, impl) * torch.linspace(-1, 1, 60, dtype=torch.float64)).sum().backward()
-        assert block.kernel.C.grad is not None and block.D.grad is not None
-        grads[impl] = (block.kernel.C.grad.clone(), block.D.grad.clone())
+        u.grad = None
+        (block.conv(u, impl) * weight).sum().backward()
+        assert block.kernel.C.grad is not None and block.D.grad is not None and u.grad is not None
+        grads[impl] = (block.kernel.C.grad.clone(), block.D.grad.clone(), u.grad.clone())
     for a, b in zip(grads["fft"], grads["chunked"], strict=True):
         assert torch.allclose(a, b, atol=1e-9)
 
@@ -222,6 +227,127 @@ def test_frozen_buffer_change_rebuilds_chunk_matrices() -> None:
         a.conv(u, "chunked")  # fills a's cache
         a.load_state_dict(b.state_dict())
         assert torch.allclose(a.conv(u, "chunked"), b.conv(u, "fft"), atol=1e-10)
+
+
+def _block_run(
+    block: S4Block, forward: str, x: torch.Tensor, grad: torch.Tensor, seed: int
+) -> list[torch.Tensor]:
+    """Output, input gradient and every parameter gradient of one forward + backward (fixed RNG)."""
+    torch.manual_seed(seed)  # the same seed draws the same two dropout masks in either form
+    block.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    out = getattr(block, forward)(x)
+    out.backward(grad)
+    assert x.grad is not None
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in block.parameters()]
+    return [out.detach(), x.grad, *grads]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "length", "training"),
+    [
+        (SMALL, 60, True),  # whole chunks, dropout on
+        (SMALL, 55, True),  # padded tail
+        (dataclasses.replace(SMALL, chunk=7), 60, False),  # eval: no masks
+        (dataclasses.replace(SMALL, bidirectional=False), 60, True),  # causal: one direction
+        (dataclasses.replace(SMALL, chunk=60), 60, True),  # one chunk: no scan
+    ],
+)
+def test_fused_block_equals_composed_block_values_and_gradients(
+    cfg: ModelConfig, length: int, training: bool
+) -> None:
+    """The hand-written block (forward + backward in one Function) is the same function as the
+    composition of autograd operations: output, input gradient and the gradient of C, D, the
+    projection and the LayerNorm, in train mode with the same dropout masks and in eval mode."""
+    torch.manual_seed(8)
+    block = S4Block(cfg).double().train(training)
+    x = torch.randn(16, 3, length, dtype=torch.float64)
+    grad = torch.randn(16, 3, length, dtype=torch.float64)
+    fused = _block_run(block, "forward", x, grad, seed=9)
+    composed = _block_run(block, "forward_composed", x, grad, seed=9)
+    for name, a, b in zip(
+        ["out", "x", *(n for n, _ in block.named_parameters())], fused, composed, strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-11, rtol=1e-9), name
+    assert fused[1].abs().sum() > 0 and all(g.abs().sum() > 0 for g in fused[2:]), "every gradient flows"
+
+
+def test_fused_block_gradients_pass_gradcheck() -> None:
+    """Finite differences agree with the hand-written backward for every differentiable input of the
+    fused block (padded tail, both dropout masks, two directions)."""
+    torch.manual_seed(10)
+    h, chunk = 4, 5
+    block = S4Block(ModelConfig(d_model=h, n_layers=1, window=12, chunk=chunk)).double()
+    maps = block.kernel.chunk_maps(chunk, torch.float64, torch.device("cpu"))
+    intra, out_map = chunk_operands(block.kernel.real_c().detach(), block.D.detach(), maps, chunk)
+    inputs = tuple(
+        t.clone().requires_grad_()
+        for t in (
+            torch.randn(h, 2, 12, dtype=torch.float64),  # x: 12 samples, chunks of 5 (padded tail)
+            intra,
+            out_map,
+            torch.randn(2 * h, h, dtype=torch.float64),
+            torch.randn(2 * h, dtype=torch.float64),
+            1 + 0.1 * torch.randn(h, dtype=torch.float64),
+            0.1 * torch.randn(h, dtype=torch.float64),
+        )
+    )
+    mask_in, mask_out = (
+        torch.bernoulli(torch.full((h, 2, 1), 0.7, dtype=torch.float64)) / 0.7 for _ in range(2)
+    )
+
+    def fn(*args: torch.Tensor) -> torch.Tensor:
+        x, intra, out_map, weight, bias, norm_weight, norm_bias = args
+        weights = BlockWeights(
+            intra, maps.in_map, maps.transfer, out_map, weight, bias, norm_weight, norm_bias
+        )
+        return fused_s4_block(x, weights, mask_in, mask_out, chunk, 1e-5)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_fused_block_graph_can_be_run_backwards_twice() -> None:
+    """The hand-written backward leaves its saved tensors untouched: a retained graph gives the same
+    gradients on a second backward pass (as autograd's own operations do)."""
+    torch.manual_seed(14)
+    block = S4Block(SMALL).double().train()
+    x = torch.randn(16, 3, 60, dtype=torch.float64, requires_grad=True)
+    out, grad = block(x), torch.randn(16, 3, 60, dtype=torch.float64)
+    grads = []
+    for _ in range(2):
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        out.backward(grad, retain_graph=True)
+        assert x.grad is not None
+        grads.append([x.grad.clone(), *(p.grad.clone() for p in block.parameters() if p.grad is not None)])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_fused_block_float32_matches_float64() -> None:
+    """At the paper's window and chunk, the float32 training block (oneDNN projection GEMMs on the
+    CPU) matches the float64 composed block within float32 rounding, values and gradients."""
+    torch.manual_seed(11)
+    block = S4Block(ModelConfig(d_model=64, n_layers=1)).train()
+    x, grad = torch.randn(64, 4, 250), torch.randn(64, 4, 250)
+    got = _block_run(block, "forward", x, grad, seed=12)
+    reference = _block_run(
+        copy.deepcopy(block).double(), "forward_composed", x.double(), grad.double(), seed=12
+    )
+    for a, b in zip(got, reference, strict=True):
+        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_matmul_helper_equals_mm_for_transposed_operands() -> None:
+    """``s4_fused.matmul`` (oneDNN for float32 on the CPU) computes ``a @ b`` like ``torch.mm``, with
+    ``b`` given as a transposed view, in float32 and float64."""
+    torch.manual_seed(13)
+    a, b_t = torch.randn(48, 32, dtype=torch.float64), torch.randn(40, 32, dtype=torch.float64)
+    expected = a @ b_t.t()
+    assert torch.allclose(matmul(a, b_t.t()), expected, atol=1e-12)
+    got = matmul(a.float(), b_t.float().t())
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), expected, atol=1e-4)
+    c = torch.randn(48, 24, dtype=torch.float64)  # a contiguous b, a transposed (made contiguous) a
+    assert torch.allclose(matmul(a.float().t(), c.float()).double(), a.t() @ c, atol=1e-4)
 
 
 def test_tied_dropout_mask_is_constant_over_time() -> None:
