@@ -35,19 +35,23 @@ audit key with auth on, stops startup (``ConfigError``).
 
 The assembled pieces live in ``app.extensions["ecglab"]`` (:class:`ServiceState`); tests swap its
 ``jwks.transport`` and ``pipeline.deps.fhir_transport`` for ``httpx.MockTransport`` objects. The
-app owns its thread pools, audit and retention threads and database engine:
+app owns its thread pools, pooled FHIR connections (:class:`~cds_service.fhir_http.FhirConnections`),
+audit and retention threads, prediction cache (``ECGLAB_PREDICTION_CACHE_S``), ECG decoder processes
+(``ECGLAB_ECG_DECODE_PROCESSES``: :class:`~cds_service.ecg.isolation.Decoder`) and database engine:
 :meth:`ServiceState.close` stops them (writing the queued audit rows first), and runs by itself
-when the app is garbage-collected or the process exits (a :func:`weakref.finalize`, which is also
-an ``atexit`` hook), so neither callers nor tests shut anything down by hand.
+when the app is garbage-collected or the process exits (:func:`_close_when_collected`), so
+neither callers nor tests shut anything down by hand.
 """
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import logging
+import threading
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask
@@ -56,11 +60,14 @@ from sqlalchemy import Engine
 from cds_service.auth import Authenticator
 from cds_service.controls import Controls, known_names
 from cds_service.db import init_db, make_engine
+from cds_service.ecg.isolation import Decoder
+from cds_service.fhir_http import FhirConnections
 from cds_service.governance import LatestReport, ModelCardSource
 from cds_service.hook_audit import AuditTrail, resolve_audit_key
 from cds_service.hook_request import SERVICES, USAGE
 from cds_service.hooks import HookPipeline, ModelRuntimeLike, PipelineDeps
 from cds_service.issuers import IssuerConfig, JwksCache, load_issuers
+from cds_service.prediction_cache import PredictionCache, model_identity
 from cds_service.prefetch import PrefetchQuery, build_queries, templates
 from cds_service.routes import blueprint, metrics_blueprint
 from cds_service.settings import Settings
@@ -89,6 +96,7 @@ class ServiceState:
     discovery: dict[str, Any]
     model_card: ModelCardSource
     monitor_report: LatestReport
+    _closed: bool = field(default=False, init=False, repr=False)
 
     @property
     def audit(self) -> AuditTrail:
@@ -96,11 +104,60 @@ class ServiceState:
         return self.pipeline.deps.audit
 
     def close(self) -> None:
-        """Stop the thread pools, write the queued audit rows, close the database (idempotent)."""
-        self.pipeline.deps.executor.shutdown(wait=False, cancel_futures=True)
-        self.pipeline.deps.fhir_executor.shutdown(wait=False, cancel_futures=True)
-        self.pipeline.deps.audit.close()
+        """Stop the thread pools, close the pooled FHIR connections, write the queued audit rows and
+        cached predictions, stop the ECG decoder's processes, close the database (idempotent).
+
+        Only the first call does anything; the app's finalizer (:func:`_close_when_collected`)
+        never calls it on the collecting thread.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        deps = self.pipeline.deps
+        deps.executor.shutdown(wait=False, cancel_futures=True)
+        deps.fhir_executor.shutdown(wait=False, cancel_futures=True)
+        if deps.fhir_connections is not None:
+            deps.fhir_connections.close()
+        deps.audit.close()
+        if deps.predictions is not None:
+            deps.predictions.close()
+        if deps.decoder is not None:
+            deps.decoder.close()
         self.engine.dispose()
+
+
+def _decoder(processes: int) -> Decoder | None:
+    """The ECG decoder's worker processes, started in the background (``None`` for 0: in-process)."""
+    if processes == 0:
+        return None
+    decoder = Decoder(processes)
+    decoder.warm_up(background=True)
+    return decoder
+
+
+_exiting = threading.Event()
+_exit_hook_registered = threading.Lock()
+
+
+def _mark_exiting() -> None:
+    """``atexit`` hook: from now on a collected app is closed on the calling thread."""
+    _exiting.set()
+
+
+def _close_when_collected(state: ServiceState) -> None:
+    """The app's finalizer: close ``state`` on a thread of its own, or in place at exit.
+
+    The garbage collector runs finalizers on whichever thread happened to allocate, possibly in
+    the middle of ``ThreadPoolExecutor.submit`` with the pools' shared lock held; closing in place
+    there (the audit flush submits a marker) deadlocks that thread and every later hook call. At
+    interpreter exit a fresh thread would be killed before it wrote the queued audit rows, so the
+    close runs in place: ``_mark_exiting`` is registered after :mod:`weakref`'s own exit hook and
+    therefore runs before it.
+    """
+    if _exiting.is_set():
+        state.close()
+        return
+    threading.Thread(target=state.close, name="ecglab-close", daemon=True).start()
 
 
 def _settings(config: Settings | dict[str, Any] | None) -> Settings:
@@ -240,6 +297,11 @@ def create_app(
         controls=controls,
         audit=audit,
         smart_backend=smart_backend_clients(issuers),
+        fhir_connections=FhirConnections(),
+        predictions=PredictionCache(engine, settings.prediction_cache_s, model_identity(model))
+        if settings.prediction_cache_s > 0
+        else None,
+        decoder=_decoder(settings.ecg_decode_processes),
     )
     state = ServiceState(
         settings=settings,
@@ -259,7 +321,9 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_mb * 1024 * 1024
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["ecglab"] = state
-    weakref.finalize(app, state.close)
+    weakref.finalize(app, _close_when_collected, state)
+    if _exit_hook_registered.acquire(blocking=False):  # once, after weakref's own exit hook
+        atexit.register(_mark_exiting)
     app.register_blueprint(blueprint)
     if settings.metrics:
         app.register_blueprint(metrics_blueprint)

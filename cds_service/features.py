@@ -28,9 +28,10 @@ then the lower value). Observations without a time, with ``dataAbsentReason``, w
 
 **BMI (deviation).** When no BMI Observation is in its window but weight and height are, BMI is
 computed as weight / (height/100)² from the chosen values (and checked for plausibility). Training
-reads BMI only from MIMIC ``omr``; hospitals often chart weight and height without BMI, and the
-arithmetic is exact, so this fills a value the model would otherwise impute. ``sources["bmi"]``
-then names both Observations.
+does the same from MIMIC ``omr`` (:func:`model_training.metadata.bmi_sql`: the charted BMI, else
+weight / (height/100)² when plausible), so both sides fill BMI alike; hospitals often chart weight
+and height without BMI, and the arithmetic is exact. ``sources["bmi"]`` then names both
+Observations.
 
 **Patient binding.** ``context.patientId`` is authoritative. :func:`bind_to_patient` (what
 ``PatientData.bound_to`` calls, and :func:`extract_model_inputs` applies whenever

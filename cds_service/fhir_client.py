@@ -6,8 +6,14 @@ three things from a server, each with a hard time budget (a CDS hook has about 5
 
 Rules the client enforces, whatever the server does:
 
-* **Headers.** ``Accept: application/fhir+json`` always; ``Authorization: Bearer <token>`` when the
-  hook passed ``fhirAuthorization``.
+* **Headers.** ``Accept: application/fhir+json`` and ``Accept-Encoding: gzip, deflate`` always;
+  ``Authorization: Bearer <token>`` when the hook passed ``fhirAuthorization``. The headers go on
+  each request; the token is never stored on the HTTP client, which may be a pooled one serving
+  other calls (:class:`cds_service.fhir_http.FhirConnections`, ``connections=``).
+* **Size.** Every answer is streamed and abandoned past its cap: reads and search pages at
+  ``max_response_bytes`` (the app passes ``ECGLAB_MAX_BODY_MB``, the bound of a prefetch carrying
+  the same data), attachments at the caller's limit. gzip/deflate bodies are inflated under the
+  same cap and an inflation-ratio cap (:func:`cds_service.fhir_http.read_body`).
 * **Time.** One timeout for connect, read, write and pool wait (``timeout``), further cut to what
   is left of the caller's ``deadline`` (a :func:`time.monotonic` value). The client is
   thread-safe: :mod:`cds_service.fetch` runs one hook's queries on it concurrently.
@@ -38,7 +44,8 @@ Errors (httpx style, each carries ``status`` and ``response`` when there was one
     ├── FhirServerError        5xx
     ├── FhirMalformed          body is not JSON, or not the resourceType asked for
     ├── FhirConnectionError    cannot connect (refused, DNS, TLS)
-    └── FhirTooLarge           an attachment exceeds the byte limit (``reason`` attachment_too_large)
+    └── FhirTooLarge           an answer exceeds its byte cap or inflation ratio (``reason``
+                               attachment_too_large, what an ECG attachment is rejected with)
 
 Other refusals (a redirect, an attachment URL outside the base, another 4xx) raise plain
 :class:`FhirError`.
@@ -59,6 +66,17 @@ from urllib.parse import unquote
 
 import httpx
 
+from cds_service.fhir_http import (
+    ACCEPT_ENCODING,
+    DEFAULT_MAX_RESPONSE_BYTES,
+    BodyDeadline,
+    BodyTooLarge,
+    BodyUndecodable,
+    FhirConnections,
+    Lease,
+    new_http_client,
+    read_body,
+)
 from cds_service.fhir_values import media_type
 from cds_service.observability import protect_library_loggers
 from fhir_mappings.errors import EcglabError, InputError
@@ -126,7 +144,7 @@ class FhirConnectionError(FhirError):
 
 
 class FhirTooLarge(FhirError):
-    """An attachment is larger than allowed; ``reason`` matches the ECG rejection reason."""
+    """An answer is larger than allowed (or inflates too far); ``reason`` is the ECG rejection reason."""
 
     reason = "attachment_too_large"
 
@@ -146,11 +164,15 @@ class FhirClient:
 
     Args:
         base_url: the FHIR base, e.g. ``https://ehr.example.org/fhir`` (the hook's ``fhirServer``).
-        access_token: bearer token from ``fhirAuthorization``; never logged.
+        access_token: bearer token from ``fhirAuthorization``; never logged, sent on each request
+            and never stored on the HTTP client.
         timeout: seconds for each of connect, read, write and pool wait.
         max_pages: search pages followed at most.
         transport: an httpx transport (tests pass :class:`httpx.MockTransport`).
-        max_workers: requests expected in flight at once (sizes the connection pool).
+        max_workers: requests expected in flight at once (sizes an own connection pool).
+        max_response_bytes: the cap of a read or one search page (after inflating).
+        connections: the app's pooled clients; the client borrows the one of its base and
+            transport and gives it back on :meth:`close`. ``None``: an own client, closed then.
     """
 
     def __init__(
@@ -162,6 +184,8 @@ class FhirClient:
         max_pages: int = DEFAULT_MAX_PAGES,
         transport: httpx.BaseTransport | None = None,
         max_workers: int = 8,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        connections: FhirConnections | None = None,
     ) -> None:
         base = _normalised_base(base_url)
         if max_pages < 1:
@@ -169,19 +193,17 @@ class FhirClient:
         self.base_url = str(base)
         self.timeout = float(timeout)
         self.max_pages = int(max_pages)
+        self.max_response_bytes = int(max_response_bytes)
         self._base = base
-        headers = {"Accept": FHIR_JSON}
+        self._headers = {"Accept": FHIR_JSON, "Accept-Encoding": ACCEPT_ENCODING}
         if access_token:
-            headers["Authorization"] = f"Bearer {access_token}"
-        self._http = httpx.Client(
-            headers=headers,
-            timeout=httpx.Timeout(
-                connect=self.timeout, read=self.timeout, write=self.timeout, pool=self.timeout
-            ),
-            follow_redirects=False,
-            transport=transport,
-            limits=httpx.Limits(max_connections=4 * max_workers, max_keepalive_connections=2 * max_workers),
-        )
+            self._headers["Authorization"] = f"Bearer {access_token}"
+        self._lease: Lease | None = None
+        if connections is not None:
+            self._lease = connections.lease(self.base_url, transport)
+            self._http = self._lease.client
+        else:
+            self._http = new_http_client(transport, max_workers=max_workers)
 
     def __repr__(self) -> str:
         return f"FhirClient({self.base_url!r}, timeout={self.timeout}, max_pages={self.max_pages})"
@@ -189,8 +211,11 @@ class FhirClient:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Close the pooled connections."""
-        self._http.close()
+        """Give a pooled HTTP client back, or close the own one (idempotent)."""
+        if self._lease is not None:
+            self._lease.release()
+        else:
+            self._http.close()
 
     def __enter__(self) -> Self:
         return self
@@ -212,8 +237,8 @@ class FhirClient:
         _check_type(resource_type)
         check_id(rid, f"{resource_type} id")
         what = f"read {resource_type}"
-        response = self._get(f"{self.base_url}/{resource_type}/{rid}", None, what, deadline)
-        return _resource(response, resource_type, what)
+        response, body = self._get(f"{self.base_url}/{resource_type}/{rid}", None, what, deadline)
+        return _parse_json(body, response, resource_type, what)
 
     def search(
         self, resource_type: str, params: list[tuple[str, str]], *, deadline: float | None = None
@@ -259,53 +284,19 @@ class FhirClient:
         abandoned as soon as it exceeds the limit (base64 and JSON overhead allowed for).
 
         Raises:
-            FhirTooLarge: more than ``max_bytes`` (declared or actual).
+            FhirTooLarge: more than ``max_bytes`` (declared, received or inflated).
             FhirError: off-origin URL, HTTP error, malformed ``Binary``.
         """
         what = "read Binary"
         scoped = self.scoped(url)
         if scoped is None:
             raise FhirError(f"{what}: attachment URL is outside the FHIR server's base; not fetched")
-        target = str(scoped)
-        timeout = self._timeout(deadline, what)
-        started = time.perf_counter()
-        try:
-            with self._http.stream("GET", target, timeout=timeout) as response:
-                _raise_for_status(response, what)
-                is_json = media_type(response.headers.get("content-type")) in (FHIR_JSON, "application/json")
-                limit = max_bytes * 4 // 3 + 65536 if is_json else max_bytes
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > limit:
-                    raise FhirTooLarge(
-                        f"{what}: attachment is {int(declared)} bytes, over {max_bytes}",
-                        status=response.status_code,
-                    )
-                chunks: list[bytes] = []
-                size = 0
-                for chunk in response.iter_bytes():
-                    # The read timeout bounds each read, not the whole body: a server that drips a
-                    # byte at a time would hold this thread forever. The deadline bounds the total.
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise FhirTimeout(f"{what}: the attachment was still arriving at the deadline")
-                    size += len(chunk)
-                    if size > limit:
-                        raise FhirTooLarge(
-                            f"{what}: attachment exceeds {max_bytes} bytes", status=response.status_code
-                        )
-                    chunks.append(chunk)
-        except httpx.TimeoutException as exc:
-            raise FhirTimeout(f"{what}: no answer within {timeout.read:.2f} s") from exc
-        except httpx.TransportError as exc:
-            raise FhirConnectionError(f"{what}: cannot reach the FHIR server ({type(exc).__name__})") from exc
-        log.debug(
-            "FHIR %s -> %d, %d bytes in %.0f ms",
-            what,
-            response.status_code,
-            size,
-            1000 * (time.perf_counter() - started),
-        )
-        body = b"".join(chunks)
-        if not is_json:
+
+        def cap(response: httpx.Response) -> int:
+            return max_bytes * 4 // 3 + 65536 if _is_json(response) else max_bytes
+
+        response, body = self._get(str(scoped), None, what, deadline, cap=cap)
+        if not _is_json(response):
             return body
         binary = _parse_json(body, response, "Binary", what)
         try:
@@ -341,22 +332,48 @@ class FhirClient:
         return httpx.Timeout(seconds)
 
     def _get(
-        self, url: str, params: list[tuple[str, str]] | None, what: str, deadline: float | None
-    ) -> httpx.Response:
-        """One GET with error mapping; logs the interaction name, status and time only."""
+        self,
+        url: str,
+        params: list[tuple[str, str]] | None,
+        what: str,
+        deadline: float | None,
+        *,
+        cap: Callable[[httpx.Response], int] | None = None,
+    ) -> tuple[httpx.Response, bytes]:
+        """One streamed GET with error mapping: the answer and its body, read within the cap.
+
+        ``cap`` chooses the byte cap from the answer's headers (default: ``max_response_bytes``).
+        Logs the interaction name, status, size and time only.
+        """
         timeout = self._timeout(deadline, what)
         started = time.perf_counter()
+        query = tuple(params) if params else None
         try:
-            response = self._http.get(url, params=tuple(params) if params else None, timeout=timeout)
+            with self._http.stream(
+                "GET", url, params=query, headers=self._headers, timeout=timeout
+            ) as response:
+                _raise_for_status(response, what)
+                limit = cap(response) if cap is not None else self.max_response_bytes
+                try:
+                    body = read_body(response, limit, deadline=deadline)
+                except BodyTooLarge as exc:
+                    raise FhirTooLarge(f"{what}: the answer {exc}", status=response.status_code) from None
+                except BodyUndecodable as exc:
+                    raise FhirMalformed(f"{what}: {exc}", status=response.status_code) from None
+                except BodyDeadline as exc:
+                    raise FhirTimeout(f"{what}: {exc}") from None
         except httpx.TimeoutException as exc:
             raise FhirTimeout(f"{what}: no answer within {timeout.read:.2f} s") from exc
         except httpx.TransportError as exc:
             raise FhirConnectionError(f"{what}: cannot reach the FHIR server ({type(exc).__name__})") from exc
         log.debug(
-            "FHIR %s -> %d in %.0f ms", what, response.status_code, 1000 * (time.perf_counter() - started)
+            "FHIR %s -> %d, %d bytes in %.0f ms",
+            what,
+            response.status_code,
+            len(body),
+            1000 * (time.perf_counter() - started),
         )
-        _raise_for_status(response, what)
-        return response
+        return response, body
 
     def scoped(self, url: str) -> httpx.URL | None:
         """``url`` (absolute, or relative to the base) resolved, when it lies under the base; else ``None``.
@@ -393,8 +410,8 @@ class FhirClient:
         found: dict[str, dict[str, Any]] = {}
         pages = 0
         while next_url is not None and pages < max_pages:
-            response = self._get(next_url, query, what, deadline)
-            bundle = _resource(response, "Bundle", what)
+            response, body = self._get(next_url, query, what, deadline)
+            bundle = _parse_json(body, response, "Bundle", what)
             pages += 1
             for entry in bundle.get("entry") or []:
                 resource = entry.get("resource") if isinstance(entry, dict) else None
@@ -518,6 +535,6 @@ def _parse_json(body: bytes, response: httpx.Response, resource_type: str, what:
     return parsed
 
 
-def _resource(response: httpx.Response, resource_type: str, what: str) -> dict[str, Any]:
-    """The JSON body of ``response`` as a resource of ``resource_type``."""
-    return _parse_json(response.content, response, resource_type, what)
+def _is_json(response: httpx.Response) -> bool:
+    """Whether the answer is JSON (a ``Binary`` resource rather than the attachment's own bytes)."""
+    return media_type(response.headers.get("content-type")) in (FHIR_JSON, "application/json")

@@ -117,14 +117,30 @@ class ModelIdentity:
 
 
 @dataclass(frozen=True)
+class InputFacts:
+    """What a row says of the model inputs: their digest, the features as fed (with the ECG's
+    amplitude statistics) and the features imputed. Kept with a reused prediction
+    (:mod:`cds_service.prediction_cache`), whose ECG is not decoded again."""
+
+    sha256: str
+    features: Mapping[str, float | None]
+    missing: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class CallTrace:
-    """What the worker thread learnt before answering (empty where it stopped early)."""
+    """What the worker thread learnt before answering (empty where it stopped early).
+
+    ``input_facts``, when set, are the facts of ``inputs`` computed already (a reused prediction's
+    ``inputs`` carry no ECG samples); otherwise the audit thread computes them from ``inputs``.
+    """
 
     inputs: ModelInputs | None = None
     ecgs: Sequence[Mapping[str, Any]] = ()
     ecg_reference: str | None = None
     predictions: Sequence[TargetPrediction] = ()
     cards: Sequence[BuiltCard] = ()
+    input_facts: InputFacts | None = None
 
 
 @dataclass(frozen=True)
@@ -226,11 +242,8 @@ class AuditTrail:
         ecg_ref = trace.ecg_reference
         if trace.inputs is not None:
             inputs = trace.inputs
-            arrays, keys = self._model_arrays(inputs)
-            digest = inputs_digest(*arrays)
-            features = {key: inputs.metadata.get(key) for key in keys}
-            missing = tuple(key for key in keys if _absent(inputs.metadata.get(key)))
-            features.update(ecg_amplitude_features(arrays[0].T, CLIP_MV))
+            known = trace.input_facts or self.input_facts(inputs)
+            digest, features, missing = known.sha256, dict(known.features), known.missing
             ecg_time = inputs.ecg.recorded_at
             ecg_ref = inputs.ecg.reference
         return AuditRecord(
@@ -256,6 +269,14 @@ class AuditTrail:
             features=features,
             outcome=facts.outcome,
         )
+
+    def input_facts(self, inputs: ModelInputs) -> InputFacts:
+        """The digest, features and imputed features of ``inputs`` as a row records them."""
+        arrays, keys = self._model_arrays(inputs)
+        features = {key: inputs.metadata.get(key) for key in keys}
+        features.update(ecg_amplitude_features(arrays[0].T, CLIP_MV))
+        missing = tuple(key for key in keys if _absent(inputs.metadata.get(key)))
+        return InputFacts(inputs_digest(*arrays), features, missing)
 
     def _model_arrays(self, inputs: ModelInputs) -> tuple[tuple[np.ndarray, ...], list[str]]:
         """(tensors the model received, ECG first as (samples, leads); the metadata keys it reads)."""

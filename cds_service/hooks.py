@@ -14,11 +14,15 @@ The services and the request contract are in :mod:`cds_service.hook_request`;
    names plus a date filter from the pipeline's clock (:func:`cds_service.fetch.gather_patient_data`).
    An unreachable or refusing server is a 412 (the data cannot be obtained); a FHIR timeout
    counts as the budget running out.
-4. **Extract** the model inputs (:func:`cds_service.fetch.model_inputs`, same clock reading). No
-   ECG, or none recent enough, or a rejected ECG: 200 with no cards and a log line naming the
-   reason; that is an answer ("no advice"), not an error.
-5. **Predict** with the runtime and **build the cards** (:mod:`cds_service.cards`), each linked to
-   the model card and naming the model's SHA-256.
+4. **Reuse or extract.** With the prediction cache on (``ECGLAB_PREDICTION_CACHE_S``), it is
+   consulted before the ECG is decoded (:func:`cds_service.fetch.probe_predictions`): a call
+   whose inputs match a stored prediction (an order hook after patient-view on the same ECG)
+   takes its predictions: no ECG decoding, no inference. Otherwise the model
+   inputs are extracted (:func:`cds_service.fetch.model_inputs`, same clock reading). No ECG, or
+   none recent enough, or a rejected ECG: 200 with no cards and a log line naming the reason;
+   that is an answer ("no advice"), not an error.
+5. **Predict** with the runtime (and store the prediction for later calls) and **build the
+   cards** (:mod:`cds_service.cards`), each linked to the model card and naming the model's SHA-256.
 
 **Controls** (:mod:`cds_service.controls`): one reading per call of the kill-switch file, made
 stricter by ``ECGLAB_MODE`` (``off`` > ``shadow`` > ``live``: the stricter of the two applies).
@@ -29,7 +33,12 @@ Disabled targets are dropped before the cards are built, disabled labs' cards af
 
 **Audit** (:mod:`cds_service.hook_audit`): every call whose request parsed, whatever its outcome
 (412, no ECG, rejected ECG, budget, error, off included), is handed to the audit trail after the
-answer is computed; the row is written on the audit thread.
+answer is computed; the row is written on the audit thread. A call answered from a stored
+prediction is audited with it and with the input facts stored alongside.
+
+**FHIR connections** are pooled per ``fhirServer`` base URL in each worker
+(:class:`cds_service.fhir_http.FhirConnections`, owned by the app); the token goes on each
+request of its own call only. Every FHIR answer is capped at ``ECGLAB_MAX_BODY_MB``.
 
 Steps 3–5 run on a worker thread bounded by ``ECGLAB_BUDGET_MS``: past the budget the call
 answers ``{"cards": []}`` and logs it. A bug or a model failure is a logged 500 with an
@@ -58,12 +67,20 @@ from cds_service.auth import Authenticator, Caller
 from cds_service.cards import CARD_EXTENSION, BuiltCard, CardContext, ModelFacts, build_cards
 from cds_service.controls import Controls, ControlState, Mode
 from cds_service.db import IssuedCard, insert_ignoring_duplicates
+from cds_service.ecg.isolation import Decoder
 from cds_service.ecg.record import EcgRejected
 from cds_service.features import NoEcgError
-from cds_service.fetch import gather_patient_data, model_inputs
+from cds_service.fetch import (
+    CacheProbe,
+    gather_patient_data,
+    model_inputs,
+    probe_predictions,
+    remember_predictions,
+)
 from cds_service.fhir_client import FhirClient, FhirError, FhirTimeout, FhirUnauthorized
+from cds_service.fhir_http import FhirConnections
 from cds_service.governance import card_link
-from cds_service.hook_audit import AuditTrail, CallFacts, CallTrace
+from cds_service.hook_audit import AuditTrail, CallFacts, CallTrace, InputFacts
 from cds_service.hook_request import (
     HookError,
     HookRequest,
@@ -74,6 +91,7 @@ from cds_service.hook_request import (
 )
 from cds_service.observability import CARDS, FHIR_SECONDS, HOOK_OUTCOMES, INFERENCE_SECONDS, log_safe
 from cds_service.patient_data import PatientData
+from cds_service.prediction_cache import PredictionCache
 from cds_service.prefetch import DecodedPrefetch, PrefetchQuery, decode_prefetch
 from cds_service.settings import Settings
 from cds_service.smart_backend import SmartBackendClient, SmartBackendError, TokenTimeout
@@ -146,6 +164,9 @@ class PipelineDeps:
     ``audit`` the audit trail (both built by the app). ``smart_backend`` maps an issuer to its
     SMART Backend Services client: a call of that issuer naming one of its FHIR servers but
     carrying no ``fhirAuthorization`` is fetched with the service's own token.
+    ``fhir_connections`` are the pooled HTTP clients every :class:`FhirClient` borrows (``None``:
+    each call opens its own); ``predictions`` is the prediction cache (``None``: off); ``decoder``
+    decodes ECG files in worker processes, abandoned at the call's deadline (``None``: in-process).
     """
 
     settings: Settings
@@ -161,6 +182,9 @@ class PipelineDeps:
     fhir_transport: httpx.BaseTransport | None = None
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     smart_backend: Mapping[str, SmartBackendClient] = field(default_factory=dict)
+    fhir_connections: FhirConnections | None = None
+    predictions: PredictionCache | None = None
+    decoder: Decoder | None = None
 
 
 class HookPipeline:
@@ -338,10 +362,9 @@ class HookPipeline:
             refused = functools.partial(self.deps.smart_backend[caller.iss or ""].invalidate, token)
         try:
             data = self._gather(request, decoded, client, now, deadline, on_unauthorized=refused)
+            probe = self._probe(request, data, client, now, deadline)
             try:
-                inputs = model_inputs(
-                    data, mappings=self.deps.mappings, now=now, client=client, deadline=deadline
-                )
+                inputs = self._inputs(data, probe, client, now, deadline)
             except NoEcgError as exc:
                 log.info("no usable ECG (%s); no cards", exc)
                 return HookResult(200, {"cards": []}, "no_ecg", trace=CallTrace(ecgs=data.ecgs))
@@ -352,11 +375,7 @@ class HookPipeline:
         finally:
             if client is not None:
                 client.close()
-        if time.monotonic() > deadline:
-            raise BudgetExceeded("budget spent before inference")
-        t0 = time.perf_counter()
-        predictions = self.deps.runtime.predict(inputs)
-        INFERENCE_SECONDS.observe(time.perf_counter() - t0)
+        predictions, input_facts = self._predict(inputs, probe, deadline)
         runtime = self.deps.runtime
         manifest = getattr(runtime, "manifest", None)
         model = ModelFacts.from_manifest(
@@ -388,12 +407,74 @@ class HookPipeline:
             predictions=predictions,
             cards=cards,
             ecg_reference=inputs.ecg.reference,
+            input_facts=input_facts,
         )
         returned = controls.response_cards(cards)
         if not controls.returns_cards:
             return HookResult(200, {"cards": []}, "shadow", trace=trace)
         outcome = "cards" if returned else "no_cards"
         return HookResult(200, {"cards": [c.card for c in returned]}, outcome, returned, trace)
+
+    def _probe(
+        self,
+        request: HookRequest,
+        data: PatientData,
+        client: FhirClient | None,
+        now: datetime,
+        deadline: float,
+    ) -> CacheProbe:
+        """The prediction cache consulted before decoding (an empty probe when the cache is off)."""
+        if self.deps.predictions is None:
+            return CacheProbe()
+        return probe_predictions(
+            data,
+            self.deps.predictions,
+            mappings=self.deps.mappings,
+            now=now,
+            client=client,
+            deadline=deadline,
+            need_input_facts=self.deps.audit.enabled,
+            context_patient=request.patient_id,
+        )
+
+    def _inputs(
+        self, data: PatientData, probe: CacheProbe, client: FhirClient | None, now: datetime, deadline: float
+    ) -> ModelInputs:
+        """The hit's inputs (no ECG samples), else those extracted from ``data`` (decoding its ECG)."""
+        if probe.inputs is not None:
+            return probe.inputs
+        mappings = self.deps.mappings
+        return model_inputs(
+            data,
+            mappings=mappings,
+            now=now,
+            client=client,
+            deadline=deadline,
+            fetched=probe.fetched,
+            decoder=self.deps.decoder,
+        )
+
+    def _predict(
+        self, inputs: ModelInputs, probe: CacheProbe, deadline: float
+    ) -> tuple[list[TargetPrediction], InputFacts | None]:
+        """The predictions (stored ones on a hit, else the runtime's, then stored) and the audit's input facts.
+
+        A miss that will be stored computes the input facts now (they are stored with it, and the
+        audit row reuses them); otherwise the audit thread computes them.
+        """
+        if probe.hit is not None:
+            return list(probe.hit.predictions), probe.hit.input_facts
+        if time.monotonic() > deadline:
+            raise BudgetExceeded("budget spent before inference")
+        t0 = time.perf_counter()
+        predictions = self.deps.runtime.predict(inputs)
+        INFERENCE_SECONDS.observe(time.perf_counter() - t0)
+        cache = self.deps.predictions
+        if cache is None or not probe.stores(inputs):
+            return predictions, None
+        facts = self.deps.audit.input_facts(inputs) if self.deps.audit.enabled else None
+        remember_predictions(cache, probe, inputs, predictions, facts)
+        return predictions, facts
 
     def _link_model_card(self, cards: list[BuiltCard]) -> None:
         """Link every card to the model card and name the model's SHA-256 in the card's extension."""
@@ -409,7 +490,14 @@ class HookPipeline:
         """A FhirClient for the request's fhirServer and ``token``, its timeout capped by the budget left."""
         assert request.fhir_server is not None  # guarded by _may_fetch
         timeout = min(self.deps.settings.fhir_timeout_ms / 1000.0, max(deadline - time.monotonic(), 0.01))
-        return FhirClient(request.fhir_server, token, timeout=timeout, transport=self.deps.fhir_transport)
+        return FhirClient(
+            request.fhir_server,
+            token,
+            timeout=timeout,
+            transport=self.deps.fhir_transport,
+            max_response_bytes=self.deps.settings.max_body_mb * 1024 * 1024,
+            connections=self.deps.fhir_connections,
+        )
 
     def _backend_token(self, fhir_server: str, caller: Caller, deadline: float) -> str:
         """The service's own SMART Backend Services token for ``fhir_server`` (the EHR sent none).

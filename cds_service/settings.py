@@ -164,6 +164,16 @@ class Settings:
             "worker processes per server process that decode ECG files, abandoned at the budget (0: decode in-process)",
         ),
     )
+    prediction_cache_s: int = field(
+        default=600,
+        metadata=_meta(
+            "ECGLAB_PREDICTION_CACHE_S",
+            int_parser(0, 86_400),
+            "reuse a hook call's predictions this many seconds for calls with identical inputs (an order "
+            "hook after patient-view on the same ECG: no decoding, no inference), shared through the "
+            "database (0 = off)",
+        ),
+    )
     host: str = field(
         default="127.0.0.1", metadata=_meta("ECGLAB_HOST", parse_nonempty, "address gunicorn binds to")
     )
@@ -320,9 +330,12 @@ class Settings:
         ),
     )
     cors_origins: tuple[str, ...] = field(
-        default=("*",),
+        default=(),
         metadata=_meta(
-            "ECGLAB_CORS_ORIGINS", parse_cors, "comma-separated browser origins allowed by CORS, or '*'"
+            "ECGLAB_CORS_ORIGINS",
+            parse_cors,
+            "comma-separated browser origins allowed to call the CDS Hooks endpoints (CORS), e.g. "
+            "https://sandbox.cds-hooks.org; '*' only with auth on; empty = no CORS",
         ),
     )
     log_level: str = field(
@@ -408,6 +421,11 @@ class Settings:
             )
         if self.issuers is not None and not self.issuers.is_file():
             raise ConfigError(f"ECGLAB_ISSUERS: {self.issuers} is not a file")
+        if not self.auth and "*" in self.cors_origins:
+            raise ConfigError(
+                "ECGLAB_CORS_ORIGINS: '*' would let any web page call a service without authentication; "
+                "with ECGLAB_AUTH=off name the origins (e.g. https://sandbox.cds-hooks.org)"
+            )
         if self.demo and (self.auth or not self.dev_fhir_servers):
             raise ConfigError(
                 "ECGLAB_DEMO: the demo page reads FHIR data without a user's token; it needs ECGLAB_AUTH=off "

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from fhir_mappings.reliability import Reliability, reliability
+
 FloatArray = NDArray[np.float64]
 
 #: Upper bound on the number of float64 cells one vectorised bootstrap block may hold (~40 MB).
@@ -268,48 +270,26 @@ def bootstrap_auroc(
 # --------------------------------------------------------------------------------------------
 # Calibration
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ReliabilityBins:
-    """Equal-width probability bins: mean predicted probability, observed rate and count per bin."""
-
-    edges: FloatArray  # (n_bins + 1,)
-    mean_prob: FloatArray  # (n_bins,), NaN for empty bins
-    frac_pos: FloatArray  # (n_bins,), NaN for empty bins
-    count: NDArray[np.int64]  # (n_bins,)
+ReliabilityBins = Reliability
+"""Training's name for the contract's reliability bins (:mod:`fhir_mappings.reliability`)."""
 
 
 def reliability_bins(
     y_true: NDArray[np.floating], y_prob: NDArray[np.floating], n_bins: int = 10
-) -> ReliabilityBins:
+) -> Reliability:
     """Bin non-NaN entries by probability into ``n_bins`` equal-width bins on [0, 1].
 
     Bin ``b`` holds ``edges[b] <= p < edges[b+1]``; the last bin also holds p == 1.
     """
     y, p = _check_pair(y_true, y_prob)
-    valid = ~np.isnan(y)
-    y, p = y[valid], np.clip(p[valid], 0.0, 1.0)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
-    count = np.bincount(which, minlength=n_bins).astype(np.int64)
-    sum_p = np.bincount(which, weights=p, minlength=n_bins)
-    sum_y = np.bincount(which, weights=y, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_prob = np.where(count > 0, sum_p / np.maximum(count, 1), np.nan)
-        frac_pos = np.where(count > 0, sum_y / np.maximum(count, 1), np.nan)
-    return ReliabilityBins(edges=edges, mean_prob=mean_prob, frac_pos=frac_pos, count=count)
+    return reliability(y, p, n_bins)
 
 
 def expected_calibration_error(
     y_true: NDArray[np.floating], y_prob: NDArray[np.floating], n_bins: int = 10
 ) -> float:
     """ECE = sum over bins of (n_b / n) |observed rate_b - mean probability_b|; NaN if no entries."""
-    bins = reliability_bins(y_true, y_prob, n_bins)
-    total = int(bins.count.sum())
-    if total == 0:
-        return float("nan")
-    used = bins.count > 0
-    gaps = np.abs(bins.frac_pos[used] - bins.mean_prob[used])
-    return float((bins.count[used] / total * gaps).sum())
+    return reliability_bins(y_true, y_prob, n_bins).ece
 
 
 def brier_score(y_true: NDArray[np.floating], y_prob: NDArray[np.floating]) -> float:

@@ -193,7 +193,7 @@ def plot_reliability(
         )
         ax.plot(
             bins.mean_prob[used],
-            bins.frac_pos[used],
+            bins.observed[used],
             marker="o",
             markersize=3,
             color=cmap(rank % 10),

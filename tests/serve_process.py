@@ -35,8 +35,8 @@ def free_port() -> int:
 class ServeProcess:
     """``ecglab serve`` in a subprocess on a free loopback port; stderr goes to ``log_path``.
 
-    ``env`` adds ``ECGLAB_*`` settings to auth off, the folder's SQLite database and the CPU
-    provider. Use as a context manager: it waits for ``/healthz`` and stops the server (SIGTERM,
+    ``env`` adds ``ECGLAB_*`` settings to auth off, the folder's SQLite database, the CPU
+    provider and the prediction cache off. Use as a context manager: it waits for ``/healthz`` and stops the server (SIGTERM,
     then SIGKILL) on exit.
     """
 
@@ -55,6 +55,7 @@ class ServeProcess:
             "ECGLAB_ONNX_PROVIDERS": "CPUExecutionProvider",
             "ECGLAB_WORKERS": "2",
             "ECGLAB_LOG_LEVEL": "DEBUG",
+            "ECGLAB_PREDICTION_CACHE_S": "0",  # every call runs the model: the load figures are its
             **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None

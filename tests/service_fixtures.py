@@ -167,6 +167,12 @@ class FakeRuntime:
         return list(self.predictions)
 
 
+def positive_runtime(**kwargs: Any) -> FakeRuntime:
+    """A fake model flagging NT-proBNP (0.91) and not potassium (0.2): a call that reaches it gets a
+    card unless an order or a recent result suppresses it."""
+    return FakeRuntime([prediction("ntprobnp", 0.91), prediction("potassium", 0.2)], **kwargs)
+
+
 HORIZONS = {"est": 0, "mon30": 30, "mon60": 60, "mon120": 120}
 
 
@@ -488,7 +494,13 @@ class ServiceEnv:
         return httpx.MockTransport(handle)
 
     def settings(self, **overrides: Any) -> dict[str, Any]:
-        """Settings for a test app (auth on, this env's issuers, SQLite in tmp), with overrides."""
+        """Settings for a test app (auth on, this env's issuers, SQLite in tmp), with overrides.
+
+        The prediction cache is off (every call runs the model, as the tests count); the cache's
+        own tests (``hooks/test_prediction_cache.py``) turn it on. ECGs are decoded in-process
+        (hundreds of apps need no worker processes each); ``hooks/test_hook_decoder.py`` runs the
+        service's decoder processes.
+        """
         values: dict[str, Any] = {
             "public_url": PUBLIC_URL,
             "auth": True,
@@ -497,6 +509,8 @@ class ServiceEnv:
             "jwks_refetch_s": 0,
             "metrics": True,
             "audit_key": AUDIT_KEY,
+            "prediction_cache_s": 0,
+            "ecg_decode_processes": 0,
         }
         values.update(overrides)
         return values

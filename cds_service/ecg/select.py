@@ -67,7 +67,9 @@ __all__ = [
     "lead_aliases",
     "names_other_patient",
     "read_limits",
+    "recorded_at",
     "select_ecg",
+    "within_max_age",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,25 @@ OBSERVATION_TIME: tuple[str, ...] = (
 """Where an Observation's time is, in order of preference (also used for metadata Observations)."""
 MEDIA_TIME: tuple[str, ...] = ("createdDateTime", "createdPeriod.start", "issued")
 DOCUMENT_TIME: tuple[str, ...] = ("context.period.start", "date")
+RECORDING_TIME: dict[str, tuple[str, ...]] = {
+    "Observation": OBSERVATION_TIME,
+    "Media": MEDIA_TIME,
+    "DocumentReference": DOCUMENT_TIME,
+}
+"""Where each ECG carrier's recording time is (module docstring)."""
+
+
+def recorded_at(resource: Mapping[str, Any]) -> datetime | None:
+    """The recording time of an ECG carrier (Observation, Media, DocumentReference); ``None`` without one."""
+    times = RECORDING_TIME.get(str(resource.get("resourceType")))
+    return first_time(resource, times) if times is not None else None
+
+
+def within_max_age(at: datetime, now: datetime, ecg: Any) -> bool:
+    """Whether an ECG recorded ``at`` counts at ``now``: at most ``ecg.max_age_minutes`` old, and at
+    most :data:`FUTURE_TOLERANCE` in the future."""
+    return now - timedelta(minutes=int(ecg.max_age_minutes)) <= at <= now + FUTURE_TOLERANCE
+
 
 _PATIENT_REFERENCE = re.compile(
     r"(?:[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#]+(?:/[^\s/?#]+)*/)?"
@@ -168,16 +189,16 @@ def _ecg_candidates(
             continue
         kind = resource.get("resourceType")
         if kind == "Observation":
-            carrier, codes, times = "observation", ecg.observation_codes, OBSERVATION_TIME
+            carrier, codes = "observation", ecg.observation_codes
         elif kind == "Media":
-            carrier, codes, times = "media", ecg.media_codes, MEDIA_TIME
+            carrier, codes = "media", ecg.media_codes
         elif kind == "DocumentReference":
-            carrier, codes, times = "documentreference", ecg.document_codes, DOCUMENT_TIME
+            carrier, codes = "documentreference", ecg.document_codes
         else:
             continue
         if not any(has_code(resource.get(path), codes) for path in ecg.code_paths[carrier]):
             continue
-        found.append(_Candidate(resource, carrier, first_time(resource, times)))
+        found.append(_Candidate(resource, carrier, recorded_at(resource)))
     if others:
         log.warning("ignored %d ECG resource(s) naming another patient than the hook context", others)
     return found
@@ -309,13 +330,8 @@ def select_ecg(
         EcgRejected: every recent ECG is unusable; the newest one's reason.
     """
     candidates = _ecg_candidates(resources, ecg, patient_id)
-    oldest = now - timedelta(minutes=int(ecg.max_age_minutes))
     recent = sorted(
-        (
-            c
-            for c in candidates
-            if c.recorded_at is not None and oldest <= c.recorded_at <= now + FUTURE_TOLERANCE
-        ),
+        (c for c in candidates if c.recorded_at is not None and within_max_age(c.recorded_at, now, ecg)),
         key=lambda c: c.recorded_at or now,
         reverse=True,
     )

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from cds_service.monitor.outcomes import OutcomeRow
-from cds_service.monitor.stats import Confusion, auroc, empirical_ci, reliability, weighted_auroc
+from cds_service.monitor.stats import Confusion, auroc, empirical_ci, weighted_auroc
+from fhir_mappings.reliability import reliability
 
 log = logging.getLogger(__name__)
 

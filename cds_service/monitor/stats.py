@@ -9,7 +9,7 @@ The service environment has no scikit-learn, and these few estimators are short 
   and the caller decides what is resampled (the monitor resamples whole hook calls).
 * PPV, sensitivity and specificity at the deployed threshold ("positive when p >= threshold") with
   Wilson score intervals.
-* Calibration: equal-width reliability bins on [0, 1] and the expected calibration error.
+* Calibration is the contract's (:mod:`fhir_mappings.reliability`), shared with training.
 * Population stability index between two binned distributions.
 """
 
@@ -114,39 +114,6 @@ class Confusion:
             out[name] = hits / total if total else math.nan
             out[f"{name}_ci_low"], out[f"{name}_ci_high"] = low, high
         return out
-
-
-@dataclass(frozen=True)
-class Reliability:
-    """Equal-width probability bins: mean predicted probability, observed rate and count per bin."""
-
-    edges: FloatArray
-    mean_prob: FloatArray
-    observed: FloatArray
-    count: NDArray[np.int64]
-
-    @property
-    def ece(self) -> float:
-        """Expected calibration error: count-weighted mean |observed - predicted| (NaN if empty)."""
-        total = int(self.count.sum())
-        if total == 0:
-            return math.nan
-        used = self.count > 0
-        return float((self.count[used] / total * np.abs(self.observed[used] - self.mean_prob[used])).sum())
-
-
-def reliability(y_true: NDArray[np.integer], y_prob: FloatArray, n_bins: int = 10) -> Reliability:
-    """Bin predictions into ``n_bins`` on [0, 1] (the last bin includes 1.0)."""
-    y = np.asarray(y_true, dtype=np.float64)
-    p = np.clip(np.asarray(y_prob, dtype=np.float64), 0.0, 1.0)
-    which = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
-    count = np.bincount(which, minlength=n_bins).astype(np.int64)
-    sum_p = np.bincount(which, weights=p, minlength=n_bins)
-    sum_y = np.bincount(which, weights=y, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_prob = np.where(count > 0, sum_p / np.maximum(count, 1), np.nan)
-        observed = np.where(count > 0, sum_y / np.maximum(count, 1), np.nan)
-    return Reliability(np.linspace(0.0, 1.0, n_bins + 1), mean_prob, observed, count)
 
 
 def psi(expected: FloatArray, actual: FloatArray) -> float:

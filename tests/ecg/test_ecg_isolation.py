@@ -1,9 +1,7 @@
 """ECG decoding in worker processes (:mod:`cds_service.ecg.isolation`): abandoned at the deadline.
 
-The workers run :func:`work`, a module-level function (workers import it by name) that decodes
-normally unless the job's ``hint`` asks it to misbehave: ``stall`` burns CPU forever, ``crash``
-ends the process, ``raise`` raises an unexpected exception, ``where`` reports the process it ran
-in. Timings are measured and recorded (``tests.figures``), not asserted tightly: the machine is
+The workers run :func:`tests.ecg_workers.work`, which decodes normally unless the job's ``hint``
+asks it to misbehave (``stall``, ``crash``, ``raise``, ``where``). Timings are measured and recorded (``tests.figures``), not asserted tightly: the machine is
 shared.
 """
 
@@ -23,28 +21,15 @@ import pytest
 
 from cds_service.ecg.isolation import DecodeJob, Decoder, decode
 from cds_service.ecg.readers.sampled_data import lead_components
-from cds_service.ecg.record import EcgRecording, EcgRejected, ReadLimits
+from cds_service.ecg.record import EcgRejected, ReadLimits
 from cds_service.ecg.select import lead_aliases, read_limits, select_ecg
 from fhir_mappings import load_mappings
 from fhir_mappings.signal_spec import MODEL_LEADS
+from tests.ecg_workers import work
 from tests.figures import record_figure
 
 DCM = Path(__file__).parents[1] / "data" / "ecg" / "guangxi_teaching_sinus_rhythm.dcm"
 DEADLINE_SLACK_S = 1.0  # how late past its deadline an abandoned decode may return (loaded CI machine)
-
-
-def work(job: DecodeJob) -> EcgRecording:
-    """The workers' function: :func:`decode`, or the misbehaviour ``job.hint`` names."""
-    if job.hint == "stall":
-        while True:  # a decoder stuck in CPU work; only killing the process ends it
-            pass
-    if job.hint == "crash":
-        os._exit(3)
-    if job.hint == "raise":
-        raise ZeroDivisionError("bug")
-    if job.hint == "where":
-        raise EcgRejected("unreadable", f"decoded in process {os.getpid()}")
-    return decode(job)
 
 
 @pytest.fixture(scope="module")

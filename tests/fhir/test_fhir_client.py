@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import gzip
 import json
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -635,3 +637,280 @@ def test_binary_loader_is_bound_to_the_limit() -> None:
         assert client.binary_loader(20)("Binary/5") == b"z" * 20
         with pytest.raises(FhirTooLarge):
             client.binary_loader(10)("Binary/5")
+
+
+# --------------------------------------------------------------------------- pooled connections, bounded bodies
+#
+# Over real sockets: a loopback HTTP/1.1 server that keeps connections open, counts the TCP
+# connections it accepts, records every request's headers and counts the body bytes it sent.
+
+BOMB_MB = 1024  # what the gzip bomb inflates to: 1 GiB of zeros, about 1 MB on the wire
+
+
+class LoopbackFhir:
+    """A keep-alive FHIR server on ``127.0.0.1``; ``answer(path)`` gives (status, headers, body chunks)."""
+
+    def __init__(self, answer: Callable[[str], tuple[int, dict[str, str], Any]]) -> None:
+        import http.server
+
+        self.connections = 0
+        self.requests: list[dict[str, str]] = []
+        self.sent = 0
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with server._lock:
+                    server.connections += 1
+
+            def do_GET(self) -> None:
+                with server._lock:
+                    server.requests.append({k.lower(): v for k, v in self.headers.items()})
+                status, headers, chunks = answer(self.path)
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                if isinstance(chunks, bytes):
+                    if "Content-Length" not in headers:  # a declared length may lie
+                        self.send_header("Content-Length", str(len(chunks)))
+                    self.end_headers()
+                    self.wfile.write(chunks)
+                    return
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                try:
+                    for chunk in chunks:
+                        self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                        with server._lock:
+                            server.sent += len(chunk)
+                    self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Silenced: it would print every URL, patient ids included."""
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}/fhir"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def loopback() -> Any:
+    """A factory of :class:`LoopbackFhir` servers, all stopped after the test."""
+    servers: list[LoopbackFhir] = []
+
+    def start(answer: Callable[[str], tuple[int, dict[str, str], Any]]) -> LoopbackFhir:
+        servers.append(LoopbackFhir(answer))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def patient_answer(path: str) -> tuple[int, dict[str, str], Any]:
+    """Every read is the Patient it names, with a session cookie that must never travel further."""
+    pid = path.rsplit("/", 1)[-1]
+    body = json.dumps({"resourceType": "Patient", "id": pid}).encode()
+    return 200, {"Content-Type": "application/fhir+json", "Set-Cookie": f"session={pid}; Path=/"}, body
+
+
+def test_pooled_connection_is_reused_across_calls_with_each_calls_own_token(loopback: Any) -> None:
+    """Two calls for two patients borrow one pooled client: one TCP connection, each request with its
+    own call's bearer token and no cookie from the other call; the pooled client holds neither."""
+    from cds_service.fhir_http import FhirConnections
+
+    server = loopback(patient_answer)
+    pool = FhirConnections()
+    for pid, token in (("pat-a", "token-of-call-a"), ("pat-b", "token-of-call-b")):
+        with FhirClient(server.base_url, token, connections=pool) as client:
+            assert client.read("Patient", pid)["id"] == pid
+    assert server.connections == 1
+    assert [r["authorization"] for r in server.requests] == [
+        "Bearer token-of-call-a",
+        "Bearer token-of-call-b",
+    ]
+    assert all("cookie" not in r for r in server.requests)
+    lease = pool.lease(FhirClient(server.base_url).base_url)
+    assert "authorization" not in lease.client.headers and not list(lease.client.cookies.jar)
+    lease.release()
+    pool.close()
+
+
+def test_own_clients_open_a_connection_per_call(loopback: Any) -> None:
+    """Without the pool every FhirClient opens its own connection (what the pool saves, ~30 ms each)."""
+    server = loopback(patient_answer)
+    for pid in ("pat-a", "pat-b"):
+        with FhirClient(server.base_url, "t") as client:
+            client.read("Patient", pid)
+    assert server.connections == 2
+
+
+def test_hook_calls_share_the_pooled_connections_of_their_fhir_server(loopback: Any, make_app) -> None:
+    """Through the service: sequential hook calls on one fhirServer share the pooled connections (fewer
+    connections in all than calls, where an own client per call opens one at least), and each call's
+    requests carry that call's fhirAuthorization token only."""
+    from tests.service_fixtures import FakeRuntime, hook_request
+
+    def answer(path: str) -> tuple[int, dict[str, str], Any]:
+        if "/Patient/" in path:
+            return patient_answer(path.split("?", 1)[0])
+        body = json.dumps({"resourceType": "Bundle", "type": "searchset", "entry": []}).encode()
+        return 200, {"Content-Type": "application/fhir+json"}, body
+
+    server = loopback(answer)
+    app = make_app(runtime=FakeRuntime(), auth=False, issuers="", dev_fhir_servers=server.base_url)
+    app.extensions["ecglab"].pipeline.deps.fhir_transport = None  # real sockets, not the mock
+    client = app.test_client()
+    calls = 8
+    for call in range(calls):
+        body = hook_request("patient-view", fhir_server=server.base_url, token=f"token-of-call-{call}")
+        assert client.post("/cds-services/ecglab-patient-view", json=body).status_code == 200
+    per_call = len(server.requests) // calls
+    assert len(server.requests) == calls * per_call and per_call < calls
+    assert server.connections <= per_call, "each call opened connections of its own"
+    tokens = [r["authorization"] for r in server.requests]
+    assert tokens == [f"Bearer token-of-call-{call}" for call in range(calls) for _ in range(per_call)]
+
+
+def test_the_pool_keeps_a_bounded_number_of_servers_and_closes_evicted_clients_when_free() -> None:
+    """At most ``max_servers`` clients; the least recently used one is closed once no call holds it."""
+    from cds_service.fhir_http import FhirConnections
+
+    pool = FhirConnections(max_servers=2)
+    held = pool.lease("https://a.example.org/fhir")
+    for base in ("https://b.example.org/fhir", "https://c.example.org/fhir"):
+        pool.lease(base).release()
+    assert len(pool) == 2 and not held.client.is_closed  # evicted, still in use
+    held.release()
+    assert held.client.is_closed
+    idle = pool.lease("https://c.example.org/fhir")
+    idle.release()
+    pool.close()
+    assert idle.client.is_closed and len(pool) == 0
+
+
+def _bomb(encoding: str, inflated_mb: int = BOMB_MB) -> Any:
+    """Compressed zeros, generated while sent: ``inflated_mb`` MiB once inflated."""
+    wbits = {"gzip": 16 + 15, "deflate": 15}[encoding]
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    block = bytes(1024 * 1024)
+    for _ in range(inflated_mb):
+        out = packer.compress(block)
+        if out:
+            yield out
+    yield packer.flush()
+
+
+CALLS: dict[str, Callable[[FhirClient], Any]] = {
+    "read": lambda client: client.read("Patient", "p1"),
+    "search": lambda client: client.search("Observation", [("subject", "Patient/p1")]),
+    "binary": lambda client: client.get_binary("Binary/1", 8 * 1024 * 1024),
+}
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize("call", list(CALLS))
+def test_a_compression_bomb_is_abandoned_at_the_cap(loopback: Any, encoding: str, call: str) -> None:
+    """Issue 14: a 1 GiB gzip/deflate bomb (about 1 MB on the wire) stops at the ratio or byte cap,
+    after a small part of it was sent, with bounded memory, for reads, searches and attachments."""
+    import tracemalloc
+
+    server = loopback(
+        lambda path: (
+            200,
+            {"Content-Type": "application/fhir+json", "Content-Encoding": encoding},
+            _bomb(encoding),
+        )
+    )
+    tracemalloc.start()
+    try:
+        with (
+            FhirClient(server.base_url, "t", timeout=5.0, max_response_bytes=16 * 1024 * 1024) as client,
+            pytest.raises(FhirTooLarge),
+        ):
+            CALLS[call](client)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB while inflating"
+    assert server.sent < 1024 * 1024 // 4, f"{server.sent} bytes were sent before the client stopped"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "raw-deflate"])
+def test_gzip_and_deflate_answers_are_inflated(loopback: Any, encoding: str) -> None:
+    """An ordinary compressed answer reads as its JSON; ``Accept-Encoding: gzip, deflate`` was asked."""
+    document = json.dumps({"resourceType": "Patient", "id": "p1", "note": "x" * 5000}).encode()
+    wbits = {"gzip": 31, "deflate": 15, "raw-deflate": -15}[encoding]
+    packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    body = packer.compress(document) + packer.flush()
+    header = "deflate" if "deflate" in encoding else "gzip"
+    server = loopback(
+        lambda path: (200, {"Content-Type": "application/fhir+json", "Content-Encoding": header}, body)
+    )
+    with FhirClient(server.base_url, "t") as client:
+        assert client.read("Patient", "p1")["note"] == "x" * 5000
+    assert server.requests[0]["accept-encoding"] == "gzip, deflate"
+
+
+@pytest.mark.parametrize("header", ["br", "zstd", "gzip, gzip", "compress"])
+def test_an_encoding_that_was_not_asked_for_is_refused(loopback: Any, header: str) -> None:
+    """Only gzip and deflate are inflated; anything else is FhirMalformed, never guessed at."""
+    body = json.dumps({"resourceType": "Patient", "id": "p1"}).encode()
+    server = loopback(
+        lambda path: (200, {"Content-Type": "application/fhir+json", "Content-Encoding": header}, body)
+    )
+    with FhirClient(server.base_url, "t") as client, pytest.raises(FhirMalformed):
+        client.read("Patient", "p1")
+
+
+def test_corrupt_or_truncated_compressed_data_is_malformed(loopback: Any) -> None:
+    """A gzip stream that is cut short or corrupt is FhirMalformed."""
+    whole = gzip.compress(json.dumps({"resourceType": "Patient", "id": "p1"}).encode())
+    bodies = iter([whole[: len(whole) // 2], b"\x1f\x8b" + b"\xff" * 40])
+    server = loopback(
+        lambda path: (
+            200,
+            {"Content-Type": "application/fhir+json", "Content-Encoding": "gzip"},
+            next(bodies),
+        )
+    )
+    with FhirClient(server.base_url, "t") as client:
+        for _ in range(2):
+            with pytest.raises(FhirMalformed):
+                client.read("Patient", "p1")
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_search_page_over_the_cap_is_abandoned_while_streaming(loopback: Any, declared: bool) -> None:
+    """Issue 14: reads and search pages are capped like attachments, declared length or not."""
+    size = 64 * 1024 * 1024
+    head = b'{"resourceType":"Bundle","type":"searchset","entry":[{"resource":{"id":"'
+
+    def answer(path: str) -> tuple[int, dict[str, str], Any]:
+        if declared:
+            return 200, {"Content-Type": "application/fhir+json", "Content-Length": str(size)}, b""
+        return (
+            200,
+            {"Content-Type": "application/fhir+json"},
+            (head + b"x" * 65536 for _ in range(size // 65536)),
+        )
+
+    server = loopback(answer)
+    with (
+        FhirClient(server.base_url, "t", max_response_bytes=1024 * 1024) as client,
+        pytest.raises(FhirTooLarge),
+    ):
+        client.search("Observation", [])
+    assert server.sent < size // 4

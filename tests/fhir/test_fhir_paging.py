@@ -26,13 +26,12 @@ from tests.service_fixtures import (
     EHR_FHIR,
     FHIR_TOKEN,
     PATIENT_ID,
-    FakeRuntime,
     bundle,
     clinical_record,
     hook_request,
     lab_order,
     lab_result,
-    prediction,
+    positive_runtime,
     prefetch_from,
 )
 
@@ -84,11 +83,6 @@ def with_next(value: dict[str, Any], next_url: str | None) -> dict[str, Any]:
     if next_url is not None:
         value["link"] = [{"relation": "next", "url": next_url}]
     return value
-
-
-def positive_runtime() -> FakeRuntime:
-    """A fake model flagging NT-proBNP (0.91): a card unless an order or a recent result suppresses it."""
-    return FakeRuntime([prediction("ntprobnp", 0.91), prediction("potassium", 0.2)])
 
 
 def topics(response: Any) -> list[str]:

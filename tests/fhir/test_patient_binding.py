@@ -163,3 +163,37 @@ def test_a_patient_resource_of_another_patient_gives_no_demographics(mappings: A
         patient_id=PID,
     )
     assert extract_model_inputs(own, mappings=mappings, now=NOW).metadata["sex"] == 1.0
+
+
+def test_gathered_data_is_bound_to_the_context_patient(mappings: Any) -> None:
+    """gather_patient_data returns data bound to ``patientId``: another patient's prefetched ECG is gone."""
+    from cds_service.fetch import gather_patient_data
+    from cds_service.prefetch import build_queries
+
+    queries = build_queries(mappings)
+    prefetched = {query.key: [] for query in queries}
+    prefetched["ecgObservations"] = [_ecg(mappings, OTHER, "theirs"), _ecg(mappings, PID, "mine", 20)]
+    data = gather_patient_data(queries, PID, now=NOW, prefetched=prefetched)
+    assert data.patient_id == PID
+    assert [ecg["id"] for ecg in data.ecgs] == ["mine"]
+
+
+def test_a_hook_call_with_a_null_patient_and_another_patients_ecg_gets_no_card(make_app: Any) -> None:
+    """HTTP: prefetch ``patient: null`` and only another patient's recent ECG → 200, no cards, model not run."""
+    from tests.service_fixtures import clinical_record, hook_request, positive_runtime, prefetch_from
+
+    runtime = positive_runtime()
+    client = make_app(runtime=runtime, auth=False, issuers="").test_client()
+    prefetch = prefetch_from(clinical_record(pid=OTHER))
+    prefetch["patient"] = None
+    body = hook_request("patient-view", prefetch=prefetch, pid=PID)
+    response = client.post("/cds-services/ecglab-patient-view", json=body)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json() == {"cards": []}
+    assert runtime.seen == []
+    own = prefetch_from(clinical_record(pid=PID))
+    own["patient"] = None
+    response = client.post(
+        "/cds-services/ecglab-patient-view", json=hook_request("patient-view", prefetch=own, pid=PID)
+    )
+    assert response.get_json()["cards"], "the patient's own ECG still gives cards"

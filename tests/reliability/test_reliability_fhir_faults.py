@@ -54,6 +54,10 @@ BUDGET_MS = 600
 FHIR_TIMEOUT_MS = 400
 SLACK_S = 0.4
 """Scheduling slack on a shared 2-core machine; a hung call would be late by seconds, not this."""
+CONCURRENT_SLACK_S = 1.2
+"""Slack when a dozen in-process clients answer at once: their responses are serialised on one GIL
+across two cores (1.04 s seen on a loaded run); a call held by a stall would be late by the
+upstream's whole delay instead."""
 HOOK = "/cds-services/ecglab-patient-view"
 
 #: Expected (status, cards?) per fault, for the "nothing prefetched" and "two keys missing" shapes.
@@ -196,7 +200,7 @@ def test_stalled_upstream_does_not_exhaust_the_worker_pools(
         answers = [f.result(timeout=30) for f in futures]
     for response, elapsed in answers:
         assert response.status_code == 200 and response.get_json() == {"cards": []}
-        assert elapsed <= BUDGET_MS / 1000 + SLACK_S
+        assert elapsed <= BUDGET_MS / 1000 + CONCURRENT_SLACK_S
     # the stalled reads stop at their deadline: give them a moment to let go of their threads
     time.sleep(0.3)
     healthy = assert_healthy_call_still_answers(app, upstream)

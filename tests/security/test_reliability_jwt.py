@@ -37,13 +37,12 @@ from tests.service_fixtures import (
     JKU_ISS,
     JKU_URL,
     PUBLIC_URL,
-    FakeRuntime,
     MockFhir,
     ServiceEnv,
     clinical_record,
     hook_request,
     jwks,
-    prediction,
+    positive_runtime,
     prefetch_from,
 )
 
@@ -191,11 +190,6 @@ HOSTILE: dict[str, HeaderMaker] = {
 
 
 # -- what a request would have done had it got through -------------------------------------------------------
-
-
-def positive_runtime() -> FakeRuntime:
-    """A model that flags NT-proBNP: any hook call that reaches it answers a card."""
-    return FakeRuntime([prediction("ntprobnp", 0.95)])
 
 
 def request_body(endpoint: str, card: str | None = None) -> Any:

@@ -87,6 +87,7 @@ def app(tmp_path: Path, upstream: FakeUpstream) -> Iterator[Flask]:
             "budget_ms": 700,
             "fhir_timeout_ms": 400,
             "log_level": "DEBUG",
+            "prediction_cache_s": 0,  # the model runs on every call (one of them fails)
         },
         runtime=FakeRuntime([prediction("ntprobnp", 0.95)]),
     )
