@@ -38,7 +38,6 @@ auth and audit on; with auth off a random key is made for the process, with a wa
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import math
 import secrets
@@ -62,6 +61,7 @@ from cds_service.audit import (
     purge_audit,
     write_audit,
 )
+from cds_service.background_writer import BackgroundWriter
 from cds_service.fhir_values import reference
 from fhir_mappings.errors import ConfigError
 from fhir_mappings.metadata_encoding import encode_metadata
@@ -184,22 +184,14 @@ class AuditTrail:
         self.model = ModelIdentity.of(runtime)
         self._key = key or b""
         self._runtime = runtime
-        self._writer = (
-            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ecglab-audit")
-            if self.enabled
-            else None
-        )
+        self._writer = BackgroundWriter("audit") if self.enabled else None
         self._stop = threading.Event()
         self._purger: threading.Thread | None = None
 
     # -- writing ----------------------------------------------------------------------------------------
     def submit(self, facts: CallFacts) -> None:
         """Queue the row of one call for the audit thread (returns at once)."""
-        if self._writer is None:
-            return
-        try:
-            self._writer.submit(self._write, facts)
-        except RuntimeError:  # the app is shutting down
+        if self._writer is not None and not self._writer.submit(self._write, facts):  # shutting down
             log.warning("audit trail closed; a %s hook call was not audited", facts.outcome)
 
     def _write(self, facts: CallFacts) -> None:
@@ -211,25 +203,13 @@ class AuditTrail:
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until the rows queued so far are written; False when ``timeout_s`` ran out."""
-        if self._writer is None:
-            return True
-        try:
-            marker = self._writer.submit(lambda: None)
-        except RuntimeError:
-            return True
-        try:
-            marker.result(timeout=timeout_s)
-        except concurrent.futures.TimeoutError:
-            return False
-        return True
+        return self._writer is None or self._writer.flush(timeout_s)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Write what is queued (up to ``timeout_s``), then stop the audit and retention threads."""
         self._stop.set()
-        if self._writer is not None:
-            if not self.flush(timeout_s):
-                log.warning("audit rows still queued after %.0f s at shutdown were dropped", timeout_s)
-            self._writer.shutdown(wait=False, cancel_futures=True)
+        if self._writer is not None and not self._writer.close(timeout_s):
+            log.warning("audit rows still queued after %.0f s at shutdown were dropped", timeout_s)
 
     # -- the row ----------------------------------------------------------------------------------------
     def record(self, facts: CallFacts) -> AuditRecord:

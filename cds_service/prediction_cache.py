@@ -46,7 +46,6 @@ reference and time, probabilities, features), and no patient id.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -63,6 +62,7 @@ from prometheus_client import Counter
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from cds_service.background_writer import BackgroundWriter
 from cds_service.db import CachedPredictionRow
 from cds_service.hook_audit import InputFacts
 from cds_service.inference import TargetPrediction
@@ -263,9 +263,7 @@ class PredictionCache:
         self._memory_entries = memory_entries
         self._memory: OrderedDict[str, tuple[float, CachedPrediction]] = OrderedDict()
         self._lock = threading.Lock()
-        self._writer = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="ecglab-prediction-cache"
-        )
+        self._writer = BackgroundWriter("prediction-cache")
         self._last_purge = 0.0
 
     # -- reading ---------------------------------------------------------------------------------
@@ -320,9 +318,7 @@ class PredictionCache:
         """Keep ``entry`` for the TTL: in memory now, in the database on the writer thread."""
         expires_at = self.clock() + self.ttl_s
         self._remember(key, expires_at, entry)
-        try:
-            self._writer.submit(self._write, key, expires_at, entry.to_json())
-        except RuntimeError:  # the app is shutting down
+        if not self._writer.submit(self._write, key, expires_at, entry.to_json()):  # shutting down
             log.debug("prediction cache closed; entry kept in memory only")
 
     def _remember(self, key: str, expires_at: float, entry: CachedPrediction) -> None:
@@ -355,20 +351,11 @@ class PredictionCache:
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until the entries queued so far are in the database; False when ``timeout_s`` ran out."""
-        try:
-            marker = self._writer.submit(lambda: None)
-        except RuntimeError:
-            return True
-        try:
-            marker.result(timeout=timeout_s)
-        except concurrent.futures.TimeoutError:
-            return False
-        return True
+        return self._writer.flush(timeout_s)
 
-    def close(self) -> None:
-        """Write what is queued, then stop the writer thread (idempotent).
-
-        No work is handed to the pool here (:meth:`flush` does): ``close`` may run from a
-        finalizer, where submitting could deadlock on the thread pools' shared lock.
-        """
-        self._writer.shutdown(wait=True)
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued (up to ``timeout_s``), then stop the writer thread (idempotent)."""
+        if not self._writer.close(timeout_s):
+            log.warning(
+                "prediction cache: entries still queued after %.0f s at shutdown were dropped", timeout_s
+            )

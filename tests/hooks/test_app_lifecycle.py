@@ -66,3 +66,22 @@ def test_collection_inside_a_pool_submit_does_not_deadlock(service_env: ServiceE
     assert _until_refused(state.pipeline.deps.executor)
     with pytest.raises(RuntimeError):
         state.pipeline.deps.fhir_executor.submit(int)
+
+
+def test_the_background_writer_writes_in_order_and_refuses_after_close() -> None:
+    """Audit rows and cached predictions: written in submission order; ``close`` writes what is
+    queued first; later work is refused (``submit`` answers False) rather than raised."""
+    from cds_service.background_writer import BackgroundWriter
+
+    written: list[int] = []
+    gate = threading.Event()
+    writer = BackgroundWriter("test")
+    assert writer.submit(lambda: gate.wait(5))
+    for n in range(5):
+        assert writer.submit(written.append, n)
+    assert not writer.flush(timeout_s=0.05), "the gate holds the queue"
+    gate.set()
+    assert writer.close(timeout_s=5)
+    assert written == [0, 1, 2, 3, 4]
+    assert not writer.submit(written.append, 5)
+    assert writer.flush() and written == [0, 1, 2, 3, 4]
