@@ -72,7 +72,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         "recalibrate",
         "cds_service.recalibrate",
-        "write a new model version with thresholds fitted on local data",
+        "write a new model version with calibration and thresholds fitted on local data",
     ),
 )
 
