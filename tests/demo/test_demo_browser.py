@@ -198,7 +198,7 @@ def test_model_card_page_every_card_links_to_opens_in_the_browser(
     from tests.service_fixtures import FakeRuntime
 
     manifest = load_manifest(
-        ARTIFACTS.parent / "models" / "ecglab-0.1.0-demo.manifest.json", verify_file=False
+        ARTIFACTS.parent / "models" / "ecglab-0.2.0-demo.manifest.json", verify_file=False
     )
     app = create_app(
         {

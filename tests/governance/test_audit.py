@@ -62,7 +62,7 @@ def record(when: datetime, *, patient: str = PATIENT, mode: str = "live") -> Aud
         cards=(CardRef("card-uuid-1", "potassium", 0),),
         latency_ms=41.5,
         model_sha256="a" * 64,
-        model_version="0.1.0-demo",
+        model_version="0.2.0-demo",
         mode=mode,  # type: ignore[arg-type]
         features={"sex": 1.0, "age": 97.0, "temperature": None, "heart_rate": float("nan")},
         outcome="cards",

@@ -145,7 +145,7 @@ def test_filters() -> None:
 
 
 def test_known_names_from_the_manifest() -> None:
-    manifest = load_manifest(ROOT / "models" / "ecglab-0.1.0-demo.manifest.json", verify_file=False)
+    manifest = load_manifest(ROOT / "models" / "ecglab-0.2.0-demo.manifest.json", verify_file=False)
     labs, targets = known_names(manifest.labels)
     assert "potassium" in labs and "Potassium_high_mon30" in targets and len(targets) == len(manifest.labels)
 

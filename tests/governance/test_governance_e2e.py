@@ -66,7 +66,7 @@ from tests.service_fixtures import (
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
-MANIFEST = load_manifest(MODELS / "ecglab-0.1.0-demo.manifest.json", verify_file=False)
+MANIFEST = load_manifest(MODELS / "ecglab-0.2.0-demo.manifest.json", verify_file=False)
 SCHEMA = json.loads((ROOT / "cds_service" / "schemas" / "model-card.schema.json").read_text())
 EXAMPLE_SITE = MODELS / "site-info.example.yaml"
 DEV = {"auth": False, "issuers": "", "dev_fhir_servers": EHR_FHIR}

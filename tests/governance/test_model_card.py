@@ -24,7 +24,7 @@ from fhir_mappings.manifest import Manifest, load_manifest
 from model_training.subgroups import subgroup_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-MANIFEST = ROOT / "models" / "ecglab-0.1.0-demo.manifest.json"
+MANIFEST = ROOT / "models" / "ecglab-0.2.0-demo.manifest.json"
 METRICS = ROOT / "models" / "demo-run" / "metrics.json"
 EXAMPLE_SITE = ROOT / "models" / "site-info.example.yaml"
 SCHEMA = json.loads((ROOT / "cds_service" / "schemas" / "model-card.schema.json").read_text())
@@ -81,7 +81,7 @@ def test_manifest_values_and_not_for_clinical_use(manifest: Manifest, metrics: d
     )
     validate(card)
     assert card["not_for_clinical_use"] is True and "NOT FOR CLINICAL USE" in card["notice"]
-    assert card["model"]["sha256"] == manifest.onnx.sha256 and card["model"]["version"] == "0.1.0-demo"
+    assert card["model"]["sha256"] == manifest.onnx.sha256 and card["model"]["version"] == "0.2.0-demo"
     by_target = {t["target"]: t for t in card["performance"]["test"]["targets"]}
     label = manifest.labels[5]
     assert (
@@ -89,7 +89,9 @@ def test_manifest_values_and_not_for_clinical_use(manifest: Manifest, metrics: d
     )
     assert by_target[label.target]["decision_threshold"] == label.decision_threshold
     attrs = attributes(card)
-    assert "0.695 [0.675, 0.714]" in attrs["validity_test"]["value"]  # est macro AUROC of the manifest
+    est = json.loads(MANIFEST.read_text())["evaluation"]["tasks"]["est"]  # the manifest's est macro AUROC
+    stated = f"est {est['macro_auroc']:.3f} [{est['ci_low']:.3f}, {est['ci_high']:.3f}]"
+    assert stated in attrs["validity_test"]["value"]
     assert "NOT FOR CLINICAL USE" in attrs["cautioned_uses"]["value"]
     variables = attrs["demographic_variables"]["data"]
     assert variables["race"]["used"] and variables["sex"]["used"] and variables["date_of_birth"]["used"]
@@ -104,7 +106,7 @@ def test_manifest_values_and_not_for_clinical_use(manifest: Manifest, metrics: d
     assert attrs["funding_source"]["provenance"] == "deployer"
     assert attrs["party"]["value"].startswith("Example General Hospital Data Science Unit")
     chai = card["chai"]["AppliedModelCard"]
-    assert chai["BasicInfo"]["ModelName"] == "ecglab 0.1.0-demo"
+    assert chai["BasicInfo"]["ModelName"] == "ecglab 0.2.0-demo"
     assert chai["ReleaseInfo"]["ReleaseStage"].startswith("Demonstration only")
     result = json.loads(chai["KeyMetrics"]["FairnessEquity"]["Results"][0]["ValueJson"])
     assert result["n"] == 60

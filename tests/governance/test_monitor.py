@@ -32,7 +32,7 @@ from fhir_mappings.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
-MANIFEST = load_manifest(MODELS / "ecglab-0.1.0-demo.manifest.json", verify_file=False)
+MANIFEST = load_manifest(MODELS / "ecglab-0.2.0-demo.manifest.json", verify_file=False)
 THRESHOLD = {label.target: label.decision_threshold for label in MANIFEST.labels}
 KEY = b"monitor-test-key-" * 3
 BASE = "http://fhir.test/R4"

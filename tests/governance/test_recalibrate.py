@@ -23,7 +23,7 @@ from fhir_mappings.signal_spec import MODEL_LEADS
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
-PARENT_MANIFEST = "ecglab-0.1.0-demo.manifest.json"
+PARENT_MANIFEST = "ecglab-0.2.0-demo.manifest.json"
 PARENT = load_manifest(MODELS / PARENT_MANIFEST, verify_file=False)
 PARENT_LABELS = {label.target: label for label in PARENT.labels}
 RICH, SPARSE = "Potassium_high_est", "Sodium_high_est"
@@ -148,7 +148,7 @@ def test_new_version_with_provenance_and_the_original_untouched(monitor_dir: Pat
     path, provenance = recalibrate(MODELS, monitor_dir, "sensitivity=0.8", out, now=NOW)
     assert snapshot(MODELS) == before  # every file byte for byte, not even rewritten
     child = load_manifest(path, verify_file=True)
-    assert child.version == "0.1.0-demo+local.20260401093000" and child.onnx.sha256 == PARENT.onnx.sha256
+    assert child.version == "0.2.0-demo+local.20260401093000" and child.onnx.sha256 == PARENT.onnx.sha256
     assert (out / child.onnx.file).is_file() and path.name == f"ecglab-{child.version}.manifest.json"
     labels = {label.target: label for label in child.labels}
     rich = labels[RICH]
@@ -219,10 +219,10 @@ def test_variants_are_copied_verified_and_served_with_auto(monitor_dir: Path, tm
     """The int8 file comes along under the new version's name with its SHA-256; variant=auto serves it
     with the new calibration."""
     out = tmp_path / "site"
-    path, provenance = recalibrate(MODELS, monitor_dir, "youden", out, version="0.1.0-demo-site1", now=NOW)
+    path, provenance = recalibrate(MODELS, monitor_dir, "youden", out, version="0.2.0-demo-site1", now=NOW)
     child = load_manifest(path)
     spec, parent_spec = child.variants["int8"], PARENT.variants["int8"]
-    assert spec.file == "ecglab-0.1.0-demo-site1.int8.onnx" and spec.sha256 == parent_spec.sha256
+    assert spec.file == "ecglab-0.2.0-demo-site1.int8.onnx" and spec.sha256 == parent_spec.sha256
     assert sha256_file(out / spec.file) == parent_spec.sha256 and spec.model_dump(
         exclude={"file"}
     ) == parent_spec.model_dump(exclude={"file"})
@@ -230,7 +230,7 @@ def test_variants_are_copied_verified_and_served_with_auto(monitor_dir: Path, tm
     assert sorted(p.name for p in out.iterdir()) == sorted([path.name, child.onnx.file, spec.file])
 
     runtime = ModelRuntime.load(out, ["CPUExecutionProvider"], variant="auto")
-    assert runtime.variant == "int8" and runtime.manifest.version == "0.1.0-demo-site1"
+    assert runtime.variant == "int8" and runtime.manifest.version == "0.2.0-demo-site1"
     parent_int8 = ModelRuntime.load(MODELS, ["CPUExecutionProvider"], variant="int8")
     rng = np.random.default_rng(3)
     ecg = SimpleNamespace(signal=rng.normal(0, 0.3, (1000, 12)), fs=100.0, lead_names=list(MODEL_LEADS))
@@ -250,7 +250,7 @@ def test_a_missing_or_altered_variant_stops_before_writing(monitor_dir: Path, tm
     for name in (PARENT_MANIFEST, PARENT.onnx.file):
         shutil.copyfile(MODELS / name, folder / name)
     with pytest.raises(
-        InputError, match=r"variant file ecglab-0.1.0-demo.int8.onnx \(variants.int8\) is missing"
+        InputError, match=r"variant file ecglab-0.2.0-demo.int8.onnx \(variants.int8\) is missing"
     ):
         recalibrate(folder, monitor_dir, "youden", tmp_path / "out", now=NOW)
     (folder / PARENT.variants["int8"].file).write_bytes(b"not the int8 graph")
@@ -293,9 +293,9 @@ def test_command_line(monitor_dir: Path, tmp_path: Path, capsys: pytest.CaptureF
         "--out",
         str(tmp_path / "o"),
     ]
-    assert main([*argv, "--rule", "ppv=0.3", "--version", "0.1.0-demo-site1"]) == 0
+    assert main([*argv, "--rule", "ppv=0.3", "--version", "0.2.0-demo-site1"]) == 0
     out = capsys.readouterr().out
-    assert "ecglab-0.1.0-demo-site1.manifest.json" in out and "ecglab-0.1.0-demo-site1.int8.onnx" in out
+    assert "ecglab-0.2.0-demo-site1.manifest.json" in out and "ecglab-0.2.0-demo-site1.int8.onnx" in out
     assert "1 of 111 target(s) recalibrated" in out and f"  {RICH}: threshold " in out
     kept_line = next(
         line for line in out.splitlines() if "kept the parent's calibration and threshold" in line
