@@ -202,7 +202,7 @@ class _Worker:
         self.stop()
         try:
             self.start()
-        except OSError:
+        except Exception:  # retried on next use; that use falls back (Decoder.decode)
             log.exception("could not start a replacement ECG decoder process")
 
 
@@ -211,7 +211,8 @@ class Decoder:
 
     Thread-safe: request threads share one instance. Each decode holds one worker until it
     answers or its deadline passes; a worker past the deadline, or one that died, is killed and
-    replaced (:attr:`replaced` counts them).
+    replaced (:attr:`replaced` counts them). When a worker process cannot be started at all, the
+    decode runs in the calling process and the failure is logged once (:attr:`start_failures`).
     """
 
     def __init__(
@@ -229,6 +230,7 @@ class Decoder:
         self.inline_chars = inline_chars
         self.max_decode_s = max_decode_s
         self.replaced = 0
+        self.start_failures = 0
         self._work = work
         self._closed = False
         self._lock = threading.Lock()
@@ -258,6 +260,8 @@ class Decoder:
         try:
             for worker in workers:
                 worker.start()
+        except Exception as exc:  # decodes fall back to this process (see _start_failed)
+            self._start_failed(exc)
         finally:
             for worker in workers:
                 self._release(worker)
@@ -283,6 +287,9 @@ class Decoder:
         worker = self._acquire(end)
         try:
             reply = worker.run(job, end)
+        except Exception as exc:  # the worker process could not be started at all
+            self._start_failed(exc)
+            return self._work(job)
         finally:
             self._release(worker)
         return self._answer(reply)
@@ -313,6 +320,22 @@ class Decoder:
             raise EcgRejected("unreadable", "the decoder process ended while decoding this file")
         log.warning("ECG decoder raised %s", str(reply[1])[:64])
         raise EcgRejected("unreadable", f"decoding failed ({str(reply[1])[:64]})")
+
+    def _start_failed(self, exc: Exception) -> None:
+        """A worker process could not be started: say so once, loudly. The decode that needed it
+        runs in the calling process instead (no isolation, but the ECG is still read): a service
+        whose processes cannot start must not reject every ECG. Typical cause: the service was
+        started from a script that creates the app at import time without an
+        ``if __name__ == "__main__":`` guard, which ``forkserver`` and ``spawn`` need."""
+        with self._lock:
+            first, self.start_failures = self.start_failures == 0, self.start_failures + 1
+        if first:
+            log.error(
+                "ECG decoder processes cannot start (%s: %s); decoding in the request thread without "
+                "isolation. Start the service through 'ecglab serve' or behind a __main__ guard.",
+                type(exc).__name__,
+                str(exc).strip().splitlines()[0][:120] if str(exc).strip() else "",
+            )
 
     def _count_replaced(self) -> None:
         with self._lock:

@@ -212,3 +212,28 @@ def test_select_ecg_through_the_pool_rejects_a_stuck_newest_ecg_without_failing(
         select_ecg(media, ecg, now=now, patient_id="p1", decoder=decoder, deadline=started + 0.5)
     assert info.value.reason == "decode_timeout"
     assert time.monotonic() - started < 0.5 + DEADLINE_SLACK_S
+
+
+def test_workers_that_cannot_start_fall_back_to_decoding_in_process(
+    ecg: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No worker process can start (e.g. the app built at import time of an unguarded __main__ under
+    forkserver): each ECG is still decoded, in the caller, and the cause is logged once as an error."""
+    import logging
+
+    from cds_service.ecg import isolation
+
+    def refuse(self: Any) -> None:
+        raise RuntimeError("An attempt has been made to start a new process before bootstrapping")
+
+    monkeypatch.setattr(isolation._Worker, "start", refuse)
+    with caplog.at_level(logging.ERROR, logger="cds_service"), Decoder(1, work=work) as pool:
+        pool.warm_up()
+        first = pool.decode(_file_job(ecg), time.monotonic() + 5)
+        second = pool.decode(_file_job(ecg), time.monotonic() + 5)
+    assert np.array_equal(first.signal, decode(_file_job(ecg)).signal) and np.array_equal(
+        second.signal, first.signal
+    )
+    assert pool.start_failures == 3
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "cannot start" in errors[0].getMessage()
