@@ -135,6 +135,7 @@ def _stopping(demo: Demo) -> Iterator[None]:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait(timeout=5)  # reaped, so its ports are free when the demo returns
 
 
 @contextlib.contextmanager

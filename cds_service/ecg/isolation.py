@@ -235,6 +235,7 @@ class Decoder:
         self._closed = False
         self._lock = threading.Lock()
         self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
+        self._warming = threading.Event()
         if processes:
             context = _context(start_method)
             for _ in range(processes):
@@ -250,12 +251,17 @@ class Decoder:
         """Start every idle worker now (app start), so the first ECG does not wait for one.
 
         The first start in a server process also starts the forkserver, which imports the readers,
-        pydicom and wfdb (a second or two); ``background=True`` does it on a daemon thread, and a
-        decode arriving meanwhile waits for a worker within its deadline.
+        pydicom and wfdb (a second or two, more on a loaded machine); ``background=True`` does it
+        on a daemon thread. A decode arriving meanwhile runs in the calling process: waiting for
+        the workers would cost the first calls after start-up their whole budget.
         """
         if background:
-            threading.Thread(target=self.warm_up, name="ecglab-ecg-warm-up", daemon=True).start()
+            self._warming.set()
+            threading.Thread(target=self._warm_up, name="ecglab-ecg-warm-up", daemon=True).start()
             return
+        self._warm_up()
+
+    def _warm_up(self) -> None:
         workers = self._drain()
         try:
             for worker in workers:
@@ -265,6 +271,7 @@ class Decoder:
         finally:
             for worker in workers:
                 self._release(worker)
+            self._warming.clear()
 
     def decode(self, job: DecodeJob, deadline: float | None = None) -> EcgRecording:
         """The decoded recording of ``job``, abandoned at ``deadline`` (:func:`time.monotonic`).
@@ -279,6 +286,8 @@ class Decoder:
             raise RuntimeError("the ECG decoder is closed")
         inline = job.inline_size
         if self.processes == 0 or (inline is not None and inline <= self.inline_chars):
+            return self._work(job)
+        if self._warming.is_set():  # start-up: the workers are not there yet (see warm_up)
             return self._work(job)
         now = time.monotonic()
         end = now + self.max_decode_s if deadline is None else min(deadline, now + self.max_decode_s)

@@ -237,3 +237,29 @@ def test_workers_that_cannot_start_fall_back_to_decoding_in_process(
     assert pool.start_failures == 3
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "cannot start" in errors[0].getMessage()
+
+
+def test_decodes_during_a_background_warm_up_run_in_the_caller(
+    ecg: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first calls after start-up do not wait for the workers (the forkserver's imports take
+    seconds): they decode in the caller; once warm, decodes go to a worker process."""
+    from cds_service.ecg import isolation
+
+    real_start = isolation._Worker.start
+
+    def slow_start(self: Any) -> None:
+        time.sleep(1.0)
+        real_start(self)
+
+    monkeypatch.setattr(isolation._Worker, "start", slow_start)
+    with Decoder(1, work=work) as pool:
+        pool.warm_up(background=True)
+        with pytest.raises(EcgRejected, match=f"process {os.getpid()}$"):
+            pool.decode(_file_job(ecg, "where"), time.monotonic() + 0.5)
+        deadline = time.monotonic() + 30
+        while pool._warming.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(EcgRejected) as info:
+            pool.decode(_file_job(ecg, "where"), time.monotonic() + 10)
+        assert not str(info.value).endswith(f"process {os.getpid()}")
