@@ -67,6 +67,7 @@ from cds_service.fhir_values import (
     has_code,
     parse_fhir_datetime,
     reference,
+    resource_id,
     usable,
 )
 from cds_service.patient_data import PatientData
@@ -240,7 +241,7 @@ def extract_metadata(
     are ignored.
     """
     patient_ref = reference(patient) if patient and patient.get("id") else None
-    bound_id = patient_id if patient_id is not None else _resource_id(patient)
+    bound_id = patient_id if patient_id is not None else resource_id(patient)
     current = [
         o
         for o in observations
@@ -293,12 +294,6 @@ def _derive_bmi(metadata: dict[str, float | None], sources: dict[str, str], mapp
     if mappings.feature("bmi").is_plausible(bmi):
         metadata["bmi"] = bmi
         sources["bmi"] = f"computed from {sources['weight']} and {sources['height']}"
-
-
-def _resource_id(resource: Mapping[str, Any] | None) -> str | None:
-    """A resource's ``id`` when it is a non-empty string."""
-    rid = resource.get("id") if isinstance(resource, Mapping) else None
-    return rid if isinstance(rid, str) and rid else None
 
 
 def bind_to_patient(data: PatientData, patient_id: str) -> PatientData:
@@ -376,7 +371,7 @@ def extract_model_inputs(
     when = now or datetime.now(UTC)
     if data.patient_id is not None:
         data = bind_to_patient(data, data.patient_id)
-    patient_id = data.patient_id if data.patient_id is not None else _resource_id(data.patient)
+    patient_id = data.patient_id if data.patient_id is not None else resource_id(data.patient)
     ecg = select_ecg(
         data.ecgs,
         mappings.ecg,

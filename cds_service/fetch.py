@@ -42,7 +42,7 @@ from cds_service.ecg.isolation import Decoder
 from cds_service.ecg.select import EcgRecord, names_other_patient, recorded_at, within_max_age
 from cds_service.features import ModelInputs, bind_to_patient, extract_metadata, extract_model_inputs
 from cds_service.fhir_client import FhirClient, FhirTimeout, check_id
-from cds_service.fhir_values import as_list, reference, usable
+from cds_service.fhir_values import as_list, reference, resource_id, usable
 from cds_service.patient_data import PatientData, assemble
 from cds_service.prediction_cache import CachedPrediction, PredictionCache, metadata_digest, prediction_key
 from cds_service.prefetch import PrefetchedResources, PrefetchQuery
@@ -361,7 +361,7 @@ def probe_predictions(
     entry serves another patient's call. Counts a hit or a miss whenever a key could be built.
     """
     bound = bind_to_patient(data, data.patient_id) if data.patient_id is not None else data
-    patient_id = bound.patient_id or _resource_id(bound.patient)
+    patient_id = bound.patient_id or resource_id(bound.patient)
     recent = _recent_ecgs(bound, mappings, now)
     if not recent:
         return CacheProbe()
@@ -387,7 +387,7 @@ def probe_predictions(
     if candidates:
         latest = max(at for _, at in candidates)
         probe.newest = reference(next(r for r, at in candidates if at == latest))
-    ids = [context_patient, data.patient_id, _resource_id(bound.patient)]
+    ids = [context_patient, data.patient_id, resource_id(bound.patient)]
     try:
         probe.key = prediction_key(cache.model, ids, [r for r, _ in recent], attachments)
     except RecursionError:  # a resource nested past Python's limit: no key, decoding decides
@@ -447,9 +447,3 @@ def _unsampled_ecg(entry: CachedPrediction) -> EcgRecord:
         entry.ecg_reference,
         entry.ecg_carrier,
     )
-
-
-def _resource_id(resource: Mapping[str, Any] | None) -> str | None:
-    """A resource's ``id`` when it is a non-empty string."""
-    rid = resource.get("id") if isinstance(resource, Mapping) else None
-    return rid if isinstance(rid, str) and rid else None

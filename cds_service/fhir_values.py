@@ -114,6 +114,12 @@ def has_code(node: Any, codes: Iterable[Any]) -> bool:
     return any(code.matches(system, value) for code in codes for system, value in pairs)
 
 
+def resource_id(resource: Mapping[str, Any] | None) -> str | None:
+    """A resource's ``id`` when it is a non-empty string, else ``None``."""
+    rid = resource.get("id") if isinstance(resource, Mapping) else None
+    return rid if isinstance(rid, str) and rid else None
+
+
 def reference(resource: Mapping[str, Any]) -> str:
     """``Type/id`` of a resource (``Type/?`` without an id)."""
     return f"{resource.get('resourceType', '?')}/{resource.get('id', '?')}"

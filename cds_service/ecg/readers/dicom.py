@@ -160,7 +160,7 @@ def _pydicom_errors() -> tuple[type[BaseException], ...]:
         KeyError,
         IndexError,
         OverflowError,
-        NotImplementedError,
+        NotImplementedError,  # pydicom's answer to a transfer syntax or VR it cannot decode
         RecursionError,
         struct.error,
     )
